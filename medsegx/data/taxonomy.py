@@ -100,11 +100,14 @@ class Taxonomy:
         canonical = self.aliases.get(name.lower())
         if canonical is None:
             known = "; ".join(
-                f"{m} ({', '.join(a for a in self.spellings[m] if a != m)})" if len(self.spellings[m]) > 1 else m
-                for m in self.modalities
+                self._describe(m) for m in self.modalities
             )
             raise TaxonomyError(f"unknown modality {name!r}; known modalities (aliases): {known}")
         return canonical
+
+    def _describe(self, modality: str) -> str:
+        others = [a for a in self.spellings[modality] if a.lower() != modality.lower()]
+        return f"{modality} ({', '.join(others)})" if others else modality
 
     def modality_index(self, name: str) -> int:
         return self.modalities[self.canonical_modality(name)]

@@ -1,0 +1,970 @@
+"""Conversion of labelled volumes and 2-D image/mask pairs into MedSegDB slices.
+
+Sources
+-------
+* volumes SimpleITK reads: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage
+  (``.mha``, ``.mhd``);
+* DICOM series: a folder of slices (read with ``sitk.ImageSeriesReader``); its label is a volume
+  file named like the folder;
+* 2-D image/mask pairs: PNG, JPEG, BMP, TIFF.
+
+Images and labels are paired by file-name stem (``case01.nii.gz`` <-> ``case01.nrrd``); a label
+may carry a suffix (``_seg``, ``_mask``, ``_label``, ``_gt``, ``_segmentation``) and an image the
+nnU-Net channel suffix ``_0000``.
+
+Output (MedSegDB, see DESIGN.md section 3)
+-----------------------------------------
+* ID / training layout: ``out/Dataset/Modality_Task/[Sequence/]npy_imgs|npy_gts/``
+* new OOD site: ``out/Modality_Task/Dataset/[Sequence/]finetune|inference/npy_imgs|npy_gts/``,
+  split per case (a case never lands on both sides), seeded.
+
+A slice is ``npy_imgs/casenum_{case}_sliceid_{k}.npy`` (256, 256, 3) uint8 and
+``npy_gts/<same name>`` (256, 256) uint8 0/1, ``k`` being the slice index along the slicing axis.
+A multi-label mask becomes one ``Modality_Task`` folder per entry of the label map; only slices
+holding foreground of that task are written unless ``keep_empty``.
+
+Intensity
+---------
+CT and CTA are windowed (level/width in HU); every other modality (MRI, CBCT, US, ...) is clipped
+to the 0.5-99.5 percentiles of the case's non-zero voxels (zero background stays 0), following the
+MedSAM recipe the published database derives from. 2-D inputs that are already 8-bit are kept as
+they are (RGB stays RGB, grey is replicated to 3 channels). Default CT windows by task:
+
+=============  ===========  ======  ============================================================
+preset         level (HU)   width   default for (CT tasks; trailing digits of the task dropped)
+=============  ===========  ======  ============================================================
+abdomen        40           400     every CT task not listed below (liver, kidney, pancreas,
+                                    spleen, stomach, colon, tumours, ...), the MedSAM default
+liver          60           160     none by default (narrow contrast-enhanced liver window;
+                                    ``--window liver``)
+lung           -600         1500    lungs, airways, COVID, GGO, consolidation, pneumothorax,
+                                    lung cancer, interstitial thickening, pulmonary fibrosis
+mediastinum    50           350     heart and its chambers, esophagus, pleural effusion
+bone           400          1800    spine, sacrum, hips, femur, tibia, collar bones, mandible,
+                                    teeth
+brain          40           80      brain tumours, haemorrhage, stroke lesions, brain tissues
+head_neck      50           350     nasopharynx/neck GTVs, glottis, thyroid, parotid, ears
+angio          300          600     vessels (aorta, pulmonary artery/embolism, carotid, dissection
+                                    lumina); also the default for modality CTA
+=============  ===========  ======  ============================================================
+
+Geometry
+--------
+Volumes are re-ordered (a pure axis permutation/flip, no interpolation) to the LPS orientation
+before slicing, so axial slices show anterior at the top and the patient's right on the image's
+left whatever the storage order (``orient="none"`` keeps the stored order). Coronal and sagittal
+slices are flipped so that superior is at the top. Each slice is resampled to 256 x 256: images
+anti-aliased (Gaussian pre-filter, then linear), masks nearest-neighbour on pixel centres.
+
+Every task folder holds ``meta.json``: per case the source files, the original size, spacing,
+origin, direction and orientation, the axis permutation/flips, the in-plane shape and spacing of
+a slice before and after resampling (``spacing_256``, millimetres per pixel of the 256 grid:
+rows, cols), the intensity mapping, and per slice (by file name) its case, slice id, split and
+``spacing_256``. :func:`slice_spacing` reads the latter for physical metrics;
+:func:`write_back_prediction` uses a case entry to write predicted slices back as a volume in the
+original geometry.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+logger = logging.getLogger(__name__)
+
+TARGET_SIZE = 256
+META_FILE = "meta.json"
+META_FORMAT = "medsegx-convert/1"
+
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_EXTENSIONS = (".dcm", ".ima")
+LABEL_SUFFIXES = ("", "_seg", "_mask", "_label", "_labels", "_gt", "_segmentation", "_Segmentation")
+IMAGE_SUFFIXES = ("_0000",)  # nnU-Net channel suffix: case_0000.nii.gz pairs with case.nii.gz
+
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "abdomen": (40.0, 400.0),
+    "liver": (60.0, 160.0),
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "head_neck": (50.0, 350.0),
+    "angio": (300.0, 600.0),
+}
+
+_TASK_PRESET_GROUPS: dict[str, tuple[str, ...]] = {
+    "lung": ("LeftLung", "RightLung", "Lung", "LungCancer", "COVID", "GroundGlassesOpacities",
+             "Consolidation", "LungPneumothorax", "Bronchus", "PulmonaryAirways",
+             "InterstitialThickening", "PulmonaryLibrosis"),
+    "mediastinum": ("Heart", "LeftAtrium", "LeftVentricle", "RightVentricle", "LeftAtrialBloodChamber",
+                    "RightAtrialBloodChamber", "LeftVentricularBloodChamber",
+                    "RightVentricularBloodChamber", "LeftVentricularMyocardium",
+                    "RightVentricularMyocardium", "LeftVentricleEpicardium", "Esophagus",
+                    "PleuraEffusion"),
+    "bone": ("Mandible", "CervicalSpine", "ThoracicSpine", "LumbarSpine", "Sacrum", "LeftHip",
+             "RightHip", "FemurBone", "TibiaBone", "CollarBone", "LeftCollarBone", "RightCollarBone",
+             "Tooth"),
+    "brain": ("BrainWholeTumor", "BrainCoreTumor", "BrainEnhancingTumor", "IntracranialHemorrhage",
+              "IschemicStrokeLesion", "WhiteMatter", "GrayMatter", "CerebroSpinalFluid", "LeftCaudatum",
+              "RightCaudatum", "Hippocampus", "Pituitary", "VestibularSchwannoma"),
+    "head_neck": ("GTVnx", "GTVnd", "Glottis", "PharynxCancer", "GlndThyroid", "ThyroidNodule",
+                  "ParotidL", "GindSubmandL", "RightInnerEar", "LeftMiddleEar", "Lip", "CavityOral",
+                  "BuccalMucosa"),
+    "angio": ("Aorta", "AscendingAorta", "PulmonaryArtery", "PulmonaryEmbolism", "CarotidArteryRight",
+              "CarotidVesselWall", "TL", "FL", "FLT", "Postcava"),
+}
+TASK_WINDOW: dict[str, str] = {task: preset for preset, tasks in _TASK_PRESET_GROUPS.items() for task in tasks}
+DEFAULT_CT_PRESET = "abdomen"
+DEFAULT_CTA_PRESET = "angio"
+HU_MODALITIES = frozenset({"CT", "CTA"})
+DEFAULT_PERCENTILES = (0.5, 99.5)
+
+AXES = ("axial", "coronal", "sagittal")
+_NAME_RE = re.compile(r"^[A-Za-z0-9-]+$")
+
+
+class ConversionError(ValueError):
+    """A case that cannot be converted; the message names the offending file and the problem."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class ConvertConfig:
+    """What to convert and where to.
+
+    ``labels_map`` maps a task name (``Liver``) to the label values that form it (``(1,)``; several
+    values are merged, e.g. kidney = kidney + tumour). ``window`` overrides the per-task CT window
+    (level, width). ``finetune_fraction`` is the fraction of cases going to ``finetune/`` for an
+    OOD site (0 puts every case in ``inference/``).
+    """
+
+    modality: str
+    dataset: str
+    labels_map: dict[str, tuple[int, ...]]
+    out: Path
+    sequence: str | None = None
+    ood_site: bool = False
+    finetune_fraction: float = 0.5
+    seed: int = 0
+    window: tuple[float, float] | None = None
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+    axis: str = "axial"
+    keep_empty: bool = False
+    min_pixels: int = 1
+    orient: str = "LPS"
+    geometry_tolerance: float = 0.01
+    case_ids: str = "stem"
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        # the task folder is split on its first '_', so a modality must not hold one (datasets may)
+        if not re.fullmatch(r"[A-Za-z0-9-]+", self.modality or ""):
+            raise ValueError(f"invalid modality {self.modality!r}: letters, digits and '-' only (e.g. CT, MRI)")
+        if not self.dataset or "/" in self.dataset or self.dataset.startswith("."):
+            raise ValueError(f"invalid dataset name {self.dataset!r}")
+        if self.sequence is not None and (not self.sequence or "/" in self.sequence):
+            raise ValueError(f"invalid sequence {self.sequence!r}")
+        if not self.labels_map:
+            raise ValueError("labels_map is empty: give at least one 'value:Task'")
+        for task in self.labels_map:
+            if not re.fullmatch(r"[A-Za-z0-9]+", task):
+                raise ValueError(f"invalid task name {task!r}: letters and digits only (e.g. LiverCancer)")
+        if self.axis not in AXES:
+            raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}")
+        if self.orient not in ("LPS", "none"):
+            raise ValueError(f"orient must be 'LPS' or 'none', got {self.orient!r}")
+        if not 0.0 <= self.finetune_fraction <= 1.0:
+            raise ValueError(f"finetune_fraction must lie in [0, 1], got {self.finetune_fraction}")
+        if self.case_ids not in ("stem", "index"):
+            raise ValueError(f"case_ids must be 'stem' or 'index', got {self.case_ids!r}")
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {self.percentiles}")
+
+    def task_folder(self, task: str) -> str:
+        return f"{self.modality}_{task}"
+
+    def meta_dir(self, task: str) -> Path:
+        """Folder holding ``meta.json`` (and, for the ID layout, ``npy_imgs``/``npy_gts``)."""
+        if self.ood_site:
+            path = self.out / self.task_folder(task) / self.dataset
+        else:
+            path = self.out / self.dataset / self.task_folder(task)
+        return path / self.sequence if self.sequence else path
+
+    def slice_dir(self, task: str, split: str | None) -> Path:
+        """Folder holding ``npy_imgs``/``npy_gts`` for ``task`` (and ``split`` on an OOD site)."""
+        if self.ood_site:
+            if split not in ("finetune", "inference"):
+                raise ValueError(f"an OOD site needs split 'finetune' or 'inference', got {split!r}")
+            return self.meta_dir(task) / split
+        return self.meta_dir(task)
+
+
+def parse_labels_map(text: str | Mapping) -> dict[str, tuple[int, ...]]:
+    """``"1:Liver,2:LiverCancer"`` (or a JSON file / mapping of the same) -> ``{task: label values}``.
+
+    ``"1+2:Kidney"`` merges values into one task; a task named twice collects both values.
+    """
+    if isinstance(text, Mapping):
+        items = [(str(k), str(v)) for k, v in text.items()]
+    elif str(text).endswith(".json"):
+        path = Path(text)
+        try:
+            items = [(str(k), str(v)) for k, v in json.loads(path.read_text()).items()]
+        except (OSError, json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f"{path}: cannot read the label map ({err})") from err
+    else:
+        items = []
+        for part in str(text).split(","):
+            if not part.strip():
+                continue
+            if ":" not in part:
+                raise ValueError(f"label map entry {part!r} is not 'value:Task' (in {text!r})")
+            key, task = part.split(":", 1)
+            items.append((key.strip(), task.strip()))
+    out: dict[str, list[int]] = {}
+    for key, task in items:
+        try:
+            values = [int(v) for v in key.split("+")]
+        except ValueError as err:
+            raise ValueError(f"label map key {key!r} is not an integer label value") from err
+        if any(v <= 0 for v in values):
+            raise ValueError(f"label value {key!r} must be positive (0 is background)")
+        out.setdefault(task, []).extend(values)
+    if not out:
+        raise ValueError(f"empty label map {text!r}")
+    return {task: tuple(sorted(set(values))) for task, values in out.items()}
+
+
+def parse_window(text: str | None) -> tuple[float, float] | None:
+    """``"40,400"`` or a preset name (``"lung"``) -> (level, width); ``None`` -> ``None``."""
+    if text is None or text == "":
+        return None
+    if text in WINDOW_PRESETS:
+        return WINDOW_PRESETS[text]
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise ValueError(f"window {text!r} is neither 'level,width' nor one of {sorted(WINDOW_PRESETS)}") from err
+    if width <= 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    return level, width
+
+
+def default_window(modality: str, task: str) -> tuple[float, float]:
+    """The documented CT window (level, width) for ``task`` (trailing digits ignored)."""
+    base = re.sub(r"\d+$", "", task)
+    if base in TASK_WINDOW:
+        return WINDOW_PRESETS[TASK_WINDOW[base]]
+    return WINDOW_PRESETS[DEFAULT_CTA_PRESET if modality == "CTA" else DEFAULT_CT_PRESET]
+
+
+# --------------------------------------------------------------------------- input discovery
+
+
+def strip_extension(name: str) -> str:
+    """File name without its (possibly double, e.g. ``.nii.gz``) image extension."""
+    lower = name.lower()
+    for ext in VOLUME_EXTENSIONS + IMAGE2D_EXTENSIONS + DICOM_EXTENSIONS:
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _is_supported_file(path: Path) -> bool:
+    return path.is_file() and any(path.name.lower().endswith(ext) for ext in VOLUME_EXTENSIONS + IMAGE2D_EXTENSIONS)
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    return any(p.is_file() and p.suffix.lower() in DICOM_EXTENSIONS for p in path.iterdir()) or bool(
+        sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    )
+
+
+def find_images(images: str | Path) -> list[Path]:
+    """Inputs named by a folder or a glob: image files and DICOM series folders, sorted.
+
+    A folder that itself holds DICOM files is one series; otherwise its supported files and its
+    sub-folders that hold DICOM series are the inputs.
+    """
+    spec = str(images)
+    if any(ch in spec for ch in "*?["):
+        matches = [Path(p) for p in sorted(glob.glob(spec))]
+    else:
+        root = Path(spec)
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such image file or folder")
+        if root.is_file() or _is_dicom_dir(root):
+            return [root]
+        matches = sorted(root.iterdir())
+    found = [p for p in matches if _is_supported_file(p) or _is_dicom_dir(p)]
+    if not found:
+        raise FileNotFoundError(f"{spec}: no NIfTI/NRRD/MHA/PNG/JPG image or DICOM series found")
+    return found
+
+
+def _label_index(labels: Path) -> dict[str, list[Path]]:
+    index: dict[str, list[Path]] = {}
+    for path in sorted(labels.iterdir()):
+        if _is_supported_file(path):
+            index.setdefault(strip_extension(path.name), []).append(path)
+    return index
+
+
+def find_label(image: Path, labels: Path, index: dict[str, list[Path]] | None = None) -> Path:
+    """The label file in folder ``labels`` whose stem matches ``image`` (see module doc)."""
+    index = _label_index(labels) if index is None else index
+    stem = strip_extension(image.name)
+    stems = [stem] + [stem[: -len(s)] for s in IMAGE_SUFFIXES if stem.endswith(s)]
+    for base in stems:
+        for suffix in LABEL_SUFFIXES:
+            hits = index.get(base + suffix, [])
+            if len(hits) > 1:
+                raise ConversionError(f"{image}: several labels match: {', '.join(map(str, hits))}")
+            if hits:
+                return hits[0]
+    raise ConversionError(f"{image}: no label named {stem}[{'|'.join(s for s in LABEL_SUFFIXES if s)}].* in {labels}")
+
+
+def case_id_from_path(path: Path) -> str:
+    """Case id from a file stem: characters other than letters, digits and '-' become '-'.
+
+    Underscores are replaced because ``casenum_{case}_sliceid_{k}`` uses them as separators.
+    """
+    stem = strip_extension(path.name)
+    for suffix in IMAGE_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    case = re.sub(r"[^A-Za-z0-9-]+", "-", stem).strip("-")
+    if not case:
+        raise ConversionError(f"{path}: cannot derive a case id from the file name")
+    return case
+
+
+def slice_name(case: str, k: int) -> str:
+    return f"casenum_{case}_sliceid_{k}.npy"
+
+
+def parse_slice_name(name: str) -> tuple[str, int]:
+    """``casenum_{case}_sliceid_{k}.npy`` -> (case, k)."""
+    match = re.fullmatch(r"casenum_(.+)_sliceid_(\d+)(?:\.npy)?", Path(name).name)
+    if not match:
+        raise ValueError(f"{name!r} is not a casenum_<case>_sliceid_<k>.npy slice name")
+    return match.group(1), int(match.group(2))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """A volume file, a 2-D image, or a DICOM series folder as a SimpleITK image."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise ConversionError(f"{path}: folder holds no readable DICOM series")
+            files = {sid: reader.GetGDCMSeriesFileNames(str(path), sid) for sid in series}
+            chosen = max(series, key=lambda sid: len(files[sid]))
+            if len(series) > 1:
+                logger.warning("%s: %d DICOM series, using %s (%d files)", path, len(series), chosen, len(files[chosen]))
+            reader.SetFileNames(files[chosen])
+            return reader.Execute()
+        if not path.exists():
+            raise ConversionError(f"{path}: file not found")
+        return sitk.ReadImage(str(path))
+    except ConversionError:
+        raise
+    except RuntimeError as err:  # SimpleITK raises RuntimeError for unreadable files
+        first = str(err).strip().splitlines()
+        raise ConversionError(f"{path}: cannot read image ({first[-1] if first else err})") from err
+
+
+def _geometry(img: sitk.Image) -> dict:
+    return {
+        "size": list(img.GetSize()),
+        "spacing": [float(v) for v in img.GetSpacing()],
+        "origin": [float(v) for v in img.GetOrigin()],
+        "direction": [float(v) for v in img.GetDirection()],
+    }
+
+
+def check_geometry(image: sitk.Image, label: sitk.Image, image_path: Path, label_path: Path,
+                   tolerance: float = 0.01) -> None:
+    """Raise :class:`ConversionError` unless image and label share size, spacing, origin, direction.
+
+    ``tolerance`` is a fraction of a voxel (origin, spacing) and an absolute cosine (direction).
+    """
+    gi, gl = _geometry(image), _geometry(label)
+    where = f"label {label_path} does not match image {image_path}"
+    if gi["size"] != gl["size"]:
+        raise ConversionError(f"{where}: size {gl['size']} vs {gi['size']}")
+    spacing = np.asarray(gi["spacing"])
+    if np.any(np.abs(np.asarray(gl["spacing"]) - spacing) > tolerance * spacing):
+        raise ConversionError(f"{where}: spacing {gl['spacing']} vs {gi['spacing']}")
+    if np.any(np.abs(np.asarray(gl["origin"]) - np.asarray(gi["origin"])) > tolerance * spacing.min()):
+        raise ConversionError(f"{where}: origin {gl['origin']} vs {gi['origin']}")
+    if np.any(np.abs(np.asarray(gl["direction"]) - np.asarray(gi["direction"])) > tolerance):
+        raise ConversionError(f"{where}: direction {gl['direction']} vs {gi['direction']}")
+
+
+def _label_array(label: sitk.Image, path: Path, is_2d: bool) -> np.ndarray:
+    arr = sitk.GetArrayFromImage(label)
+    if label.GetNumberOfComponentsPerPixel() > 1:
+        # RGB(A) masks: accept only when the colour channels agree (a grey mask saved as RGB)
+        rgb = arr[..., :3]
+        if not np.all(rgb == rgb[..., :1]):
+            raise ConversionError(f"{path}: colour label with differing channels; give a single-channel mask")
+        arr = rgb[..., 0]
+    if not np.issubdtype(arr.dtype, np.integer):
+        rounded = np.rint(arr)
+        if np.any(np.abs(arr - rounded) > 1e-3):
+            raise ConversionError(f"{path}: label holds non-integer values (is it an image?)")
+        arr = rounded
+    arr = arr.astype(np.int32)
+    if arr.min() < 0:
+        raise ConversionError(f"{path}: label holds negative values")
+    if arr.ndim != (2 if is_2d else 3):
+        raise ConversionError(f"{path}: label has {arr.ndim} dimensions, expected {2 if is_2d else 3}")
+    return arr
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+def orientation_plan(direction: Sequence[float]) -> tuple[list[int], list[bool]]:
+    """Axis permutation and flips that bring a 3-D image to LPS without interpolation.
+
+    ``direction`` is SimpleITK's row-major 3x3 matrix whose column i is the physical direction of
+    index axis i. Returns ``perm, flip``: canonical (ITK-order) axis j is stored axis ``perm[j]``,
+    reversed when ``flip[j]``. Oblique images go to the closest axis.
+    """
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    perm, flip = [-1, -1, -1], [False, False, False]
+    for flat in np.argsort(-np.abs(d), axis=None):
+        phys, idx = divmod(int(flat), 3)
+        if perm[phys] == -1 and idx not in perm:
+            perm[phys], flip[phys] = idx, bool(d[phys, idx] < 0)
+    return perm, flip
+
+
+def _to_canonical(arr: np.ndarray, perm: Sequence[int], flip: Sequence[bool]) -> np.ndarray:
+    """Stored numpy (z, y, x) array -> canonical (z, y, x) view."""
+    out = np.transpose(arr, [2 - perm[2], 2 - perm[1], 2 - perm[0]])
+    for j in range(3):
+        if flip[j]:
+            out = np.flip(out, axis=2 - j)
+    return out
+
+
+def _from_canonical(arr: np.ndarray, perm: Sequence[int], flip: Sequence[bool]) -> np.ndarray:
+    """Inverse of :func:`_to_canonical`."""
+    for j in range(3):
+        if flip[j]:
+            arr = np.flip(arr, axis=2 - j)
+    axes = [2 - perm[2], 2 - perm[1], 2 - perm[0]]
+    return np.transpose(arr, np.argsort(axes))
+
+
+def _slice_plane(canonical_spacing: Sequence[float], axis: str) -> tuple[int, tuple[float, float], float]:
+    """Numpy axis sliced, in-plane (row, col) spacing and slice thickness for ``axis``."""
+    sx, sy, sz = canonical_spacing
+    if axis == "axial":
+        return 0, (sy, sx), sz
+    if axis == "coronal":
+        return 1, (sz, sx), sy
+    return 2, (sz, sy), sx
+
+
+def _take(volume: np.ndarray, axis: int, k: int, flip_rows: bool) -> np.ndarray:
+    plane = np.take(volume, k, axis=axis)
+    return plane[::-1] if flip_rows else plane
+
+
+# --------------------------------------------------------------------------- intensity and resampling
+
+
+def intensity_bounds(volume: np.ndarray, modality: str, task: str, window: tuple[float, float] | None,
+                     percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> dict:
+    """How a case's intensities map to 0..255: a CT window or the case's percentile bounds."""
+    if modality in HU_MODALITIES or window is not None:
+        level, width = window if window is not None else default_window(modality, task)
+        return {"mode": "window", "level": float(level), "width": float(width),
+                "lo": float(level - width / 2), "hi": float(level + width / 2), "zero_background": False}
+    values = volume[volume != 0]
+    zero_background = values.size >= 0.01 * volume.size and values.size < volume.size
+    if values.size < 0.01 * volume.size:
+        values = volume.reshape(-1)
+    lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    return {"mode": "percentile", "percentiles": list(percentiles), "lo": lo, "hi": hi,
+            "zero_background": bool(zero_background)}
+
+
+def to_display(plane: np.ndarray, bounds: dict) -> np.ndarray:
+    """Raw intensities -> float32 in 0..255 by ``bounds`` (from :func:`intensity_bounds`)."""
+    lo, hi = bounds["lo"], bounds["hi"]
+    out = (np.clip(plane.astype(np.float32), lo, hi) - lo) * np.float32(255.0 / max(hi - lo, 1e-6))
+    if bounds.get("zero_background"):
+        out[plane == 0] = 0.0
+    return out
+
+
+def resize_image(image: np.ndarray, size: int = TARGET_SIZE) -> np.ndarray:
+    """Anti-aliased linear resize of (H, W) or (H, W, C) to (size, size[, C]) float32.
+
+    A Gaussian pre-filter (sigma = (scale - 1) / 2 where shrinking) removes what the coarser grid
+    cannot hold; sampling is on pixel centres.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image.copy()
+    scale = (h / size, w / size)
+    sigma = [max(0.0, (s - 1.0) / 2.0) for s in scale]
+    rows = (np.arange(size) + 0.5) * scale[0] - 0.5
+    cols = (np.arange(size) + 0.5) * scale[1] - 0.5
+    grid = np.stack(np.meshgrid(rows, cols, indexing="ij"))
+    channels = [image] if image.ndim == 2 else [image[..., c] for c in range(image.shape[2])]
+    out = []
+    for ch in channels:
+        if any(sigma):
+            ch = ndimage.gaussian_filter(ch, sigma=sigma, mode="nearest")
+        out.append(ndimage.map_coordinates(ch, grid, order=1, mode="nearest"))
+    return out[0] if image.ndim == 2 else np.stack(out, axis=-1)
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int] = (TARGET_SIZE, TARGET_SIZE)) -> np.ndarray:
+    """Nearest-neighbour resize on pixel centres of a (H, W) mask to ``shape``; dtype kept."""
+    mask = np.asarray(mask)
+    return mask[np.ix_(_nearest_index(mask.shape[0], shape[0]), _nearest_index(mask.shape[1], shape[1]))]
+
+
+def _to_uint8_rgb(display: np.ndarray) -> np.ndarray:
+    out = np.clip(np.rint(display), 0, 255).astype(np.uint8)
+    if out.ndim == 2:
+        out = np.repeat(out[..., None], 3, axis=-1)
+    return np.ascontiguousarray(out[..., :3])
+
+
+# --------------------------------------------------------------------------- one case
+
+
+@dataclass
+class CaseResult:
+    """What one converted case wrote: per task, the meta entries and slice names."""
+
+    case: str
+    image: Path
+    label: Path
+    split: str | None
+    entries: dict[str, dict] = field(default_factory=dict)     # task -> case entry for meta.json
+    slices: dict[str, dict[str, dict]] = field(default_factory=dict)  # task -> {name: slice entry}
+    absent: list[str] = field(default_factory=list)             # tasks with no foreground
+
+
+def _remove_case_slices(cfg: ConvertConfig, task: str, case: str) -> None:
+    """Delete earlier slices of ``case`` so a re-run never leaves stale ones (or one on each side)."""
+    splits = ("finetune", "inference") if cfg.ood_site else (None,)
+    pattern = f"casenum_{glob.escape(case)}_sliceid_*.npy"
+    for split in splits:
+        for sub in ("npy_imgs", "npy_gts"):
+            for path in (cfg.slice_dir(task, split) / sub).glob(pattern):
+                path.unlink()
+
+
+def convert_case(image_path: str | Path, label_path: str | Path, cfg: ConvertConfig,
+                 case: str | None = None, split: str | None = None) -> CaseResult:
+    """Convert one image + label into slices of every task of ``cfg.labels_map``.
+
+    Writes ``npy_imgs``/``npy_gts`` files and returns their meta entries (write them with
+    :func:`update_meta`; :func:`convert_dataset` does both). Raises :class:`ConversionError` naming
+    the file for unreadable input, a geometry mismatch or an unsupported image.
+    """
+    image_path, label_path = Path(image_path), Path(label_path)
+    case = case or case_id_from_path(image_path)
+    if not _NAME_RE.match(case):
+        raise ConversionError(f"{image_path}: case id {case!r} may hold letters, digits and '-' only")
+    if cfg.ood_site and split is None:
+        raise ConversionError(f"{image_path}: an OOD site conversion needs the case's split")
+    image = read_image(image_path)
+    label = read_image(label_path)
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise ConversionError(f"{image_path}: {dim}-D image not supported (split channels/time first)")
+    if label.GetDimension() != dim:
+        raise ConversionError(f"label {label_path} is {label.GetDimension()}-D but image {image_path} is {dim}-D")
+    is_2d = dim == 2
+    n_comp = image.GetNumberOfComponentsPerPixel()
+    if not is_2d and n_comp > 1:
+        raise ConversionError(f"{image_path}: vector-valued volume ({n_comp} components) not supported")
+    if is_2d:
+        if image.GetSize() != label.GetSize():
+            raise ConversionError(f"label {label_path} does not match image {image_path}: "
+                                  f"size {list(label.GetSize())} vs {list(image.GetSize())}")
+    else:
+        check_geometry(image, label, image_path, label_path, cfg.geometry_tolerance)
+    image_arr = sitk.GetArrayFromImage(image)
+    label_arr = _label_array(label, label_path, is_2d)
+    geometry = _geometry(image)
+
+    if is_2d:
+        if image_arr.ndim == 3:
+            image_arr = image_arr[..., :3] if image_arr.shape[-1] >= 3 else image_arr[..., 0]
+        # 8-bit 2-D images are display-ready (photographs, screenshots of scans): keep them
+        keep_8bit = image_arr.dtype == np.uint8 and cfg.window is None
+        if label_arr.max() > max(v for values in cfg.labels_map.values() for v in values) and len(cfg.labels_map) == 1:
+            # 0/255 (or lossy JPEG) masks of a single task: threshold at half range
+            label_arr = (label_arr >= 128).astype(np.int32) * cfg.labels_map[next(iter(cfg.labels_map))][0]
+        image_vol, label_vol = image_arr[None], label_arr[None]
+        perm, flip, axis, flip_rows = [0, 1, 2], [False, False, False], 0, False
+        sx, sy = geometry["spacing"]
+        in_plane, thickness = (sy, sx), 1.0
+    else:
+        keep_8bit = False
+        if cfg.orient == "LPS":
+            perm, flip = orientation_plan(geometry["direction"])
+        else:
+            perm, flip = [0, 1, 2], [False, False, False]
+        image_vol = _to_canonical(image_arr, perm, flip)
+        label_vol = _to_canonical(label_arr, perm, flip)
+        canonical_spacing = [geometry["spacing"][p] for p in perm]
+        axis, in_plane, thickness = _slice_plane(canonical_spacing, cfg.axis)
+        flip_rows = cfg.orient == "LPS" and cfg.axis != "axial"
+
+    known = {v for values in cfg.labels_map.values() for v in values}
+    unknown = sorted(set(np.unique(label_vol).tolist()) - known - {0})
+    if unknown:
+        logger.warning("%s: label values %s are not in the label map; ignored", label_path, unknown)
+
+    n_slices = image_vol.shape[axis]
+    plane_shape = list(np.take(label_vol, 0, axis=axis).shape)
+    spacing_256 = [in_plane[0] * plane_shape[0] / TARGET_SIZE, in_plane[1] * plane_shape[1] / TARGET_SIZE]
+    result = CaseResult(case=case, image=image_path, label=label_path, split=split)
+    bounds_cache: dict[tuple, dict] = {}
+    image_cache: dict[tuple, np.ndarray] = {}
+    other_axes = tuple(a for a in range(label_vol.ndim) if a != axis)
+
+    for task, values in cfg.labels_map.items():
+        task_mask = np.isin(label_vol, values)
+        present = np.flatnonzero(task_mask.any(axis=other_axes))
+        if present.size == 0:
+            result.absent.append(task)
+            logger.info("%s: no voxel of %s (values %s)", label_path, task, list(values))
+        candidates = range(n_slices) if cfg.keep_empty else present.tolist()
+        if keep_8bit:
+            bounds = {"mode": "none"}
+        else:
+            # windows differ by task, percentile bounds do not: compute each mapping once per case
+            key = cfg.window or (default_window(cfg.modality, task) if cfg.modality in HU_MODALITIES else None)
+            if key not in bounds_cache:
+                bounds_cache[key] = intensity_bounds(image_vol, cfg.modality, task, cfg.window, cfg.percentiles)
+            bounds = bounds_cache[key]
+        _remove_case_slices(cfg, task, case)
+        out_dir = cfg.slice_dir(task, split)
+        (out_dir / "npy_imgs").mkdir(parents=True, exist_ok=True)
+        (out_dir / "npy_gts").mkdir(parents=True, exist_ok=True)
+        written: list[int] = []
+        for k in candidates:
+            gt = resize_mask(_take(task_mask, axis, k, flip_rows)).astype(np.uint8)
+            if not cfg.keep_empty and int(gt.sum()) < cfg.min_pixels:
+                continue  # foreground too small to survive the 256 grid
+            cache_key = (bounds.get("mode"), bounds.get("lo"), bounds.get("hi"), k)
+            if cache_key not in image_cache:
+                plane = _take(image_vol, axis, k, flip_rows)
+                display = plane.astype(np.float32) if bounds["mode"] == "none" else to_display(plane, bounds)
+                image_cache[cache_key] = _to_uint8_rgb(resize_image(display))
+            name = slice_name(case, k)
+            np.save(out_dir / "npy_imgs" / name, image_cache[cache_key])
+            np.save(out_dir / "npy_gts" / name, gt)
+            written.append(int(k))
+        result.entries[task] = {
+            "image": str(image_path), "label": str(label_path), "label_values": list(values),
+            "kind": "image2d" if is_2d else ("dicom" if image_path.is_dir() else "volume"),
+            **geometry,
+            "orientation": None if is_2d else sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+                geometry["direction"]),
+            "canonical": None if is_2d or cfg.orient == "none" else "LPS",
+            "perm": perm, "flip": flip, "axis": None if is_2d else cfg.axis, "flip_rows": flip_rows,
+            "canonical_shape": list(image_vol.shape), "n_slices": int(n_slices),
+            "slice_shape": plane_shape, "slice_spacing": [float(v) for v in in_plane],
+            "slice_thickness": float(thickness), "spacing_256": spacing_256,
+            "split": split, "intensity": bounds, "slices": written,
+        }
+        result.slices[task] = {
+            slice_name(case, k): {"case": case, "sliceid": k, "split": split, "spacing_256": spacing_256}
+            for k in written
+        }
+    return result
+
+
+# --------------------------------------------------------------------------- meta.json
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConversionError(f"{path}: unreadable metadata ({err})") from err
+
+
+def update_meta(cfg: ConvertConfig, results: Iterable[CaseResult]) -> list[Path]:
+    """Merge the cases of ``results`` into each task folder's ``meta.json``; returns the files."""
+    by_task: dict[str, list[CaseResult]] = {}
+    for res in results:
+        for task in res.entries:
+            by_task.setdefault(task, []).append(res)
+    written = []
+    for task, results_of_task in by_task.items():
+        path = cfg.meta_dir(task) / META_FILE
+        meta = _read_json(path) if path.exists() else {}
+        meta.update({
+            "format": META_FORMAT, "modality": cfg.modality, "task": task,
+            "task_folder": cfg.task_folder(task), "dataset": cfg.dataset, "sequence": cfg.sequence,
+            "layout": "ood" if cfg.ood_site else "id", "target_size": TARGET_SIZE,
+        })
+        cases, slices = meta.setdefault("cases", {}), meta.setdefault("slices", {})
+        for res in results_of_task:
+            slices_of_case = {k for k, v in slices.items() if v.get("case") == res.case}
+            for name in slices_of_case:
+                del slices[name]
+            cases[res.case] = res.entries[task]
+            slices.update(res.slices[task])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def find_meta(slice_path: str | Path) -> Path | None:
+    """``meta.json`` of the task folder a ``npy_imgs``/``npy_gts`` slice belongs to, if any."""
+    folder = Path(slice_path).resolve().parent.parent
+    for candidate in (folder, folder.parent):
+        if (candidate / META_FILE).is_file():
+            return candidate / META_FILE
+    return None
+
+
+@lru_cache(maxsize=64)
+def _load_meta_cached(path: str, mtime: float) -> dict:
+    return _read_json(Path(path))
+
+
+def load_meta(path: str | Path) -> dict:
+    """A ``meta.json`` (given it or its task folder), cached while the file is unchanged."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / META_FILE
+    return _load_meta_cached(str(path), path.stat().st_mtime)
+
+
+def slice_spacing(slice_path: str | Path) -> tuple[float, float] | None:
+    """(row, col) millimetres per pixel of the 256 grid for a converted slice; None if unknown."""
+    meta_path = find_meta(slice_path)
+    if meta_path is None:
+        return None
+    entry = load_meta(meta_path).get("slices", {}).get(Path(slice_path).name)
+    return None if entry is None else (float(entry["spacing_256"][0]), float(entry["spacing_256"][1]))
+
+
+# --------------------------------------------------------------------------- write-back
+
+
+def write_back_prediction(slices_dict: Mapping[int | str, np.ndarray], meta: Mapping,
+                          out_path: str | Path | None = None, case: str | None = None,
+                          label_value: int = 1) -> sitk.Image:
+    """Stack predicted 256x256 slice masks into a volume in the case's original geometry.
+
+    Args:
+        slices_dict: slice id ``k`` or slice file name -> mask (256, 256) or (1, 256, 256), > 0 is
+            foreground. Slices not given are background.
+        meta: the case entry of ``meta.json`` (``meta["cases"][case]``), or the whole file with
+            ``case`` given (or inferred from the slice names).
+        out_path: where to write (any SimpleITK format, e.g. ``.nii.gz``); None writes nothing.
+        label_value: value written for foreground.
+
+    Returns:
+        The uint8 image with the original size, spacing, origin and direction (2-D for 2-D inputs).
+    """
+    if "cases" in meta:
+        if case is None:
+            cases = {parse_slice_name(str(k))[0] for k in slices_dict if isinstance(k, str)}
+            if len(cases) != 1:
+                raise ValueError("give case= (or slice names of one case) to pick an entry of meta.json")
+            case = cases.pop()
+        meta = meta["cases"][case]
+    shape = meta["canonical_shape"]
+    axis_name = meta.get("axis")
+    axis = 0 if axis_name is None else AXES.index(axis_name)
+    volume = np.zeros(shape, dtype=np.uint8)
+    plane_shape = tuple(meta["slice_shape"])
+    for key, mask in slices_dict.items():
+        k = parse_slice_name(key)[1] if isinstance(key, str) else int(key)
+        if not 0 <= k < shape[axis]:
+            raise ValueError(f"slice id {k} outside 0..{shape[axis] - 1}")
+        mask = np.asarray(mask)
+        mask = mask.reshape(mask.shape[-2:]) if mask.ndim == 3 else mask
+        if mask.ndim != 2:
+            raise ValueError(f"slice {key}: expected a (H, W) mask, got shape {mask.shape}")
+        plane = resize_mask(mask > 0, plane_shape).astype(np.uint8) * np.uint8(label_value)
+        if meta.get("flip_rows"):
+            plane = plane[::-1]
+        index = [slice(None)] * 3
+        index[axis] = k
+        volume[tuple(index)] = plane
+    if meta.get("kind") == "image2d":
+        array = volume[0]
+    else:
+        array = np.ascontiguousarray(_from_canonical(volume, meta["perm"], meta["flip"]))
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(meta["spacing"])
+    image.SetOrigin(meta["origin"])
+    image.SetDirection(meta["direction"])
+    if out_path is not None:
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(out_path), useCompression=True)
+    return image
+
+
+# --------------------------------------------------------------------------- batch conversion
+
+
+def split_cases(cases: Iterable[str], finetune_fraction: float, seed: int = 0) -> dict[str, str]:
+    """Per-case OOD split: ``round(fraction * n)`` seeded-random cases -> ``finetune``, rest ``inference``.
+
+    With 0 < fraction < 1 and at least two cases, each side gets at least one case.
+    """
+    ids = sorted(set(cases))
+    n_ft = int(math.floor(finetune_fraction * len(ids) + 0.5))
+    if 0.0 < finetune_fraction < 1.0 and len(ids) >= 2:
+        n_ft = min(max(n_ft, 1), len(ids) - 1)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return {ids[i]: ("finetune" if rank < n_ft else "inference") for rank, i in enumerate(order)}
+
+
+@dataclass
+class ConversionSummary:
+    """Outcome of a batch: converted cases, slices per task folder, counted skips."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
+    slices: dict[str, int] = field(default_factory=dict)           # task folder -> slices written
+    absent: dict[str, int] = field(default_factory=dict)           # task folder -> cases without it
+    splits: dict[str, str] = field(default_factory=dict)           # case -> split (OOD site)
+    meta_files: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"converted {len(self.converted)} case(s), skipped {len(self.skipped)}"]
+        lines += [f"  {task}: {n} slice(s)" + (f", absent in {self.absent[task]} case(s)" if self.absent.get(task) else "")
+                  for task, n in sorted(self.slices.items())]
+        if self.splits:
+            n_ft = sum(s == "finetune" for s in self.splits.values())
+            lines.append(f"  split: {n_ft} finetune / {len(self.splits) - n_ft} inference case(s)")
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def pair_inputs(images: str | Path, labels: str | Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """Pair every image of ``images`` (folder or glob) with its label in folder ``labels``.
+
+    Returns the pairs and the images without a label as (path, reason).
+    """
+    labels = Path(labels)
+    if not labels.is_dir():
+        raise FileNotFoundError(f"{labels}: label folder not found")
+    index = _label_index(labels)
+    pairs, missing = [], []
+    for image in find_images(images):
+        try:
+            label = find_label(image, labels, index)
+        except ConversionError as err:
+            missing.append((str(image), str(err)))
+            continue
+        if label.resolve() == image.resolve():
+            missing.append((str(image), f"{image}: the image is its own label; use separate folders or suffixes"))
+            continue
+        pairs.append((image, label))
+    return pairs, missing
+
+
+def convert_dataset(images: str | Path, labels: str | Path, cfg: ConvertConfig,
+                    strict: bool = False) -> ConversionSummary:
+    """Convert every image/label pair; unreadable or mismatched cases are skipped and counted.
+
+    With ``strict`` the first bad case raises :class:`ConversionError` instead. Raises
+    :class:`ConversionError` too when no case at all could be converted.
+    """
+    pairs, missing = pair_inputs(images, labels)
+    summary = ConversionSummary()
+    for path, reason in missing:
+        if strict:
+            raise ConversionError(reason)
+        logger.warning("skip: %s", reason)
+        summary.skipped.append((path, reason))
+    case_of: dict[Path, str] = {}
+    if cfg.case_ids == "index":
+        width = max(3, len(str(len(pairs))))
+        case_of = {image: str(i).zfill(width) for i, (image, _) in enumerate(sorted(pairs))}
+    else:
+        seen: dict[str, Path] = {}
+        for image, _ in pairs:
+            case = case_id_from_path(image)
+            if case in seen:
+                raise ConversionError(f"{image}: case id {case!r} already used by {seen[case]}")
+            seen[case] = image
+            case_of[image] = case
+    splits = split_cases(case_of.values(), cfg.finetune_fraction, cfg.seed) if cfg.ood_site else {}
+    results: list[CaseResult] = []
+    try:
+        for image, label in pairs:
+            case = case_of[image]
+            try:
+                res = convert_case(image, label, cfg, case=case, split=splits.get(case))
+            except ConversionError as err:
+                if strict:
+                    raise
+                logger.warning("skip: %s", err)
+                summary.skipped.append((str(image), str(err)))
+                continue
+            results.append(res)
+            summary.converted.append(case)
+            if cfg.ood_site:
+                summary.splits[case] = splits[case]
+            for task, names in res.slices.items():
+                folder = cfg.task_folder(task)
+                summary.slices[folder] = summary.slices.get(folder, 0) + len(names)
+            for task in res.absent:
+                folder = cfg.task_folder(task)
+                summary.absent[folder] = summary.absent.get(folder, 0) + 1
+    finally:
+        # written slices stay described even when a strict run stops half-way
+        summary.meta_files = [str(p) for p in update_meta(cfg, results)]
+    logger.info("%s", summary.describe())
+    if not summary.converted:
+        raise ConversionError(f"no case converted from {images} ({len(summary.skipped)} skipped):\n"
+                              + summary.describe())
+    return summary

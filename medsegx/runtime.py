@@ -1,0 +1,253 @@
+"""One run setup for every entry point: devices, torch.distributed, seeding, logging, output folder.
+
+Launch modes (decided in :func:`launch`):
+
+- under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set): one process per rank,
+  DistributedDataParallel over NCCL (GPU) or gloo (CPU);
+- started plainly with several ``--device_ids`` on a GPU machine: one DDP
+  worker per listed GPU, spawned here;
+- otherwise a single process on one GPU, or on the CPU when no GPU is
+  present (``--device_ids`` naming absent GPUs is said once, then CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("medsegx")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_DIST = DistInfo()
+
+
+def dist_info() -> DistInfo:
+    return _DIST
+
+
+def is_main_process() -> bool:
+    return _DIST.is_main
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def available_gpus(device_ids: Sequence[int] | None) -> list[int]:
+    """The requested GPU ids that exist here; warns about the others."""
+    if not device_ids:
+        return []
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    present = [i for i in device_ids if 0 <= i < count]
+    absent = [i for i in device_ids if i not in present]
+    if absent:
+        where = f"this machine has {count} GPU(s)" if count else "no GPU is available here"
+        print(f"[medsegx] --device_ids {' '.join(map(str, absent))}: {where}; "
+              f"{'using ' + str(present) if present else 'running on the CPU'}", file=sys.stderr)
+    return present
+
+
+def launch(worker: Callable[[Any], Any], args: Any) -> Any:
+    """Run ``worker(args)`` in the right process layout (see module docstring)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return worker(args)  # torchrun started us
+    gpus = available_gpus(getattr(args, "device_ids", None))
+    if len(gpus) > 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        torch.multiprocessing.spawn(_spawned, args=(worker, args, gpus), nprocs=len(gpus), join=True)
+        return None
+    args._gpus = gpus
+    return worker(args)
+
+
+def _spawned(index: int, worker: Callable[[Any], Any], args: Any, gpus: list[int]) -> None:
+    os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(len(gpus)))
+    args._gpus = gpus
+    worker(args)
+
+
+def init_distributed(args: Any) -> DistInfo:
+    """Initialise torch.distributed when launched with several ranks; pick this rank's device."""
+    global _DIST
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        gpus = getattr(args, "_gpus", None) or available_gpus(getattr(args, "device_ids", None) or list(range(torch.cuda.device_count())))
+        if gpus and torch.cuda.is_available():
+            device = torch.device("cuda", gpus[local % len(gpus)])
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+        _DIST = DistInfo(rank, world, local, device)
+    else:
+        gpus = getattr(args, "_gpus", None)
+        if gpus is None:
+            gpus = available_gpus(getattr(args, "device_ids", None))
+        device = torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        _DIST = DistInfo(0, 1, 0, device)
+    return _DIST
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (one item when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Sum counts/totals across ranks (reduce counts, not means)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, for exact resume."""
+    state = {
+        "python": random.getstate(),
+        "numpy": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in
+                  zip(("kind", "keys", "pos", "has_gauss", "cached_gaussian"), np.random.get_state())},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def setup_logging(output_dir: Path | None = None, rank: int = 0) -> None:
+    """Rank 0 logs INFO to the console (and a file in the output folder); other ranks only warnings."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if output_dir is not None and rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(output_dir / "log.txt"))
+    logging.basicConfig(level=level, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)
+
+
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_run_info(args: Any, output_dir: Path) -> None:
+    """The resolved arguments and the git revision beside the outputs (rank 0)."""
+    if not is_main_process():
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+    info = {"args": resolved, "git": git_revision(), "argv": sys.argv, "torch": torch.__version__,
+            "world_size": _DIST.world_size, "device": str(_DIST.device)}
+    (output_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def setup(args: Any, output_dir: Path | None) -> DistInfo:
+    """The one setup every script calls: distributed, logging, seeding, run info."""
+    info = init_distributed(args)
+    setup_logging(output_dir, info.rank)
+    seed_everything(getattr(args, "seed", 0), info.rank)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if output_dir is not None:
+        write_run_info(args, output_dir)
+    logger.info("device %s, world size %d", info.device, info.world_size)
+    return info
+
+
+def autocast(device: torch.device, enabled: bool, dtype: str | None = "float16") -> contextlib.AbstractContextManager:
+    """Mixed precision: fp16 on CUDA (with a GradScaler), bf16 on CPU or CUDA; a no-op when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    torch_dtype = resolve_amp_dtype(device, dtype)
+    return torch.autocast(device_type=device.type, dtype=torch_dtype)
+
+
+def resolve_amp_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
+    if dtype in (None, "float16", "fp16") and device.type == "cuda":
+        return torch.float16
+    if dtype in (None, "float16", "fp16"):
+        # CPU autocast supports bf16 (fast here); fp16 on CPU would be slow and lossy
+        return torch.bfloat16
+    if dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    raise ValueError(f"unknown --amp_dtype {dtype!r}: use float16 or bfloat16")

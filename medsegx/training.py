@@ -1,0 +1,106 @@
+"""Wiring of a training run shared by pretrain.py and finetune.py (the loop itself is engine.fit)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import runtime
+from .args import model_hparams
+from .data.dataset import MedSegDataset
+from .engine import FitConfig, fit, make_eval_loader, make_train_loader, restore_training_state
+from .model import build_model, check_all_trainable_used, count_parameters
+from .model.checkpoint import torch_load
+
+logger = logging.getLogger(__name__)
+
+
+def batch_plan(global_batch: int, world_size: int, micro_batch: int | None) -> tuple[int, int]:
+    """(micro batch per forward, accumulation steps) so that ranks x accum x micro == the global batch."""
+    if global_batch < world_size:
+        raise ValueError(f"--batch_size {global_batch} is smaller than the {world_size} processes")
+    per_rank = global_batch // world_size
+    if per_rank * world_size != global_batch:
+        logger.warning("--batch_size %d is not a multiple of %d processes: using %d per process",
+                       global_batch, world_size, per_rank)
+    accum = math.ceil(per_rank / micro_batch) if micro_batch else 1
+    micro = math.ceil(per_rank / accum)
+    if micro * accum != per_rank:
+        logger.warning("%d per process does not split into %d equal micro-batches: %d x %d used",
+                       per_rank, accum, accum, micro)
+    return micro, accum
+
+
+def make_model(args: argparse.Namespace, device: torch.device, init_weights: str | Path | None = None) -> nn.Module:
+    model = build_model(args.model_type, checkpoint=args.checkpoint, model_weight=init_weights,
+                        fast=not args.no_fast, train_iou_head=args.iou_loss_weight > 0, **model_hparams(args))
+    unused = check_all_trainable_used(model)
+    if unused:  # DDP would hang or fail on them; say which
+        raise RuntimeError(f"trainable parameters without gradient: {unused[:10]}")
+    counts = count_parameters(model)
+    logger.info("model %s: %s trainable of %s parameters (%s)", args.model_type, f"{counts['trainable']:,}",
+                f"{counts['total']:,}", ", ".join(f"{k} {v:,}" for k, v in counts.items()
+                                                   if k not in ("trainable", "total", "frozen")))
+    model.to(device)
+    if getattr(args, "prefix_cache", False) and hasattr(model, "enable_prefix_cache"):
+        model.enable_prefix_cache()
+    if args.compile:
+        model = torch.compile(model)
+    return model
+
+
+def train_run(
+    args: argparse.Namespace,
+    train_data: Any,
+    val_data: Any | None,
+    output_dir: Path,
+    init_weights: str | Path | None = None,
+    resume: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train on ``train_data`` records (validating on ``val_data``) into ``output_dir``.
+
+    ``init_weights``: MedSegX weights to start from. ``resume``: one of our
+    checkpoints to continue exactly (model, optimiser, scaler, epoch, step, RNG).
+    """
+    info = runtime.dist_info()
+    device = info.device
+    micro, accum = batch_plan(args.batch_size, info.world_size, args.micro_batch_size)
+    logger.info("global batch %d = %d process(es) x %d accumulation step(s) x %d", args.batch_size,
+                info.world_size, accum, micro)
+    model = make_model(args, device, init_weights)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    use_scaler = args.use_amp and device.type == "cuda" and runtime.resolve_amp_dtype(device, args.amp_dtype) == torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    start_epoch, step, best = 0, 0, None
+    if resume is not None:
+        ckpt = restore_training_state(Path(resume), model, optimizer, scaler)
+        start_epoch, step, best = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0)), ckpt.get("best")
+    if info.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_set = MedSegDataset(train_data, train=True, seed=args.seed, strict=args.strict)
+    train_loader = make_train_loader(train_set, micro, args.num_workers, args.seed)
+    val_loader = None
+    if val_data is not None and len(val_data):
+        val_set = MedSegDataset(val_data, train=False, seed=args.seed, strict=args.strict)
+        val_loader = make_eval_loader(val_set, args.val_batch_size or micro, args.num_workers)
+    cfg = FitConfig(num_epochs=args.num_epochs, output_dir=output_dir, accum_steps=accum, amp=args.use_amp,
+                    amp_dtype=args.amp_dtype, iou_loss_weight=args.iou_loss_weight, save_every=args.save_every,
+                    save_epochs=args.save_epochs, val_every=args.val_every)
+    logger.info("training on %d slices, validating on %d, epochs %d..%d", len(train_set),
+                len(val_loader.dataset) if val_loader else 0, start_epoch + 1, args.num_epochs)
+    return fit(model, optimizer, train_loader, cfg, val_loader=val_loader, scaler=scaler,
+               start_epoch=start_epoch, global_step=step, best=best, args=args)
+
+
+def is_training_state(path: str | Path) -> bool:
+    """A file we wrote mid-run (it can be resumed exactly), as opposed to weights to start from."""
+    ckpt = torch_load(path)
+    return isinstance(ckpt, dict) and "rng" in ckpt and ckpt.get("optimizer") is not None

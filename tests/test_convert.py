@@ -1,0 +1,282 @@
+"""End-to-end checks of medsegx.data.convert on small volumes, a DICOM series and 2-D pairs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medsegx.data import convert as cv
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE_ZYX = (6, 48, 40)                     # numpy order: 6 slices of 48 rows x 40 cols
+SPACING = (0.8, 0.7, 2.5)                   # ITK order x, y, z
+ORIGIN = (10.0, -20.0, 5.0)
+RAS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # stored as RAS: x and y reversed vs LPS
+LIVER = (slice(1, 5), slice(10, 30), slice(5, 25))       # z, y, x in the stored array
+CANCER = (slice(2, 4), slice(15, 21), slice(10, 15))
+
+
+def _ct_arrays() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    image = np.full(SHAPE_ZYX, -1000, dtype=np.int16)
+    image[:, 4:44, 2:38] = rng.integers(-20, 20, size=(6, 40, 36))      # body, water-like
+    label = np.zeros(SHAPE_ZYX, dtype=np.uint8)
+    label[LIVER] = 1
+    image[LIVER] = 60
+    label[CANCER] = 2
+    image[CANCER] = 20
+    return image, label
+
+
+def _to_image(arr: np.ndarray, direction=RAS_DIRECTION) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(SPACING)
+    img.SetOrigin(ORIGIN)
+    img.SetDirection(direction)
+    return img
+
+
+def _write_case(images: Path, labels: Path, case: str, direction=RAS_DIRECTION, image_ext=".nii.gz",
+                label_ext=".nii.gz") -> None:
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    image, label = _ct_arrays()
+    sitk.WriteImage(_to_image(image, direction), str(images / f"{case}{image_ext}"))
+    sitk.WriteImage(_to_image(label, direction), str(labels / f"{case}{label_ext}"))
+
+
+def _expected_span(first: int, last: int, n: int, size: int = 256) -> tuple[int, int]:
+    """Rows/cols of the 256 grid whose nearest source pixel centre falls in [first, last]."""
+    return math.ceil(first * size / n - 0.5), math.ceil((last + 1) * size / n - 0.5) - 1
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+def _cfg(out: Path, **kw) -> cv.ConvertConfig:
+    base = dict(modality="CT", dataset="MyHospital", labels_map=cv.parse_labels_map("1:Liver,2:LiverCancer"), out=out)
+    base.update(kw)
+    return cv.ConvertConfig(**base)
+
+
+def test_parse_labels_map_and_window():
+    assert cv.parse_labels_map("1:Liver,2:LiverCancer") == {"Liver": (1,), "LiverCancer": (2,)}
+    assert cv.parse_labels_map("1+2:Kidney,3:Kidney") == {"Kidney": (1, 2, 3)}
+    with pytest.raises(ValueError, match="value:Task"):
+        cv.parse_labels_map("Liver")
+    assert cv.parse_window("40,400") == (40.0, 400.0)
+    assert cv.parse_window("lung") == (-600.0, 1500.0)
+    assert cv.default_window("CT", "LeftLung") == cv.WINDOW_PRESETS["lung"]
+    assert cv.default_window("CT", "Liver") == cv.WINDOW_PRESETS["abdomen"]
+    assert cv.default_window("CTA", "Something") == cv.WINDOW_PRESETS["angio"]
+    assert cv.strip_extension("case.nii.gz") == "case"
+
+
+def test_volume_two_labels(tmp_path):
+    _write_case(tmp_path / "images", tmp_path / "labels", "case_01")
+    out = tmp_path / "train"
+    summary = cv.convert_dataset(tmp_path / "images", tmp_path / "labels", _cfg(out))
+    assert summary.converted == ["case-01"] and not summary.skipped
+    assert summary.slices == {"CT_Liver": 4, "CT_LiverCancer": 2}
+
+    image, label = _ct_arrays()
+    nz, ny, nx = SHAPE_ZYX
+    for task, value, region in (("Liver", 1, LIVER), ("LiverCancer", 2, CANCER)):
+        folder = out / "MyHospital" / f"CT_{task}"
+        names = sorted(p.name for p in (folder / "npy_gts").iterdir())
+        assert names == sorted(f"casenum_case-01_sliceid_{k}.npy" for k in range(region[0].start, region[0].stop))
+        assert sorted(p.name for p in (folder / "npy_imgs").iterdir()) == names
+        # stored RAS -> LPS reverses x and y; the tight box of the label bounds the region's voxels
+        x0, x1 = nx - region[2].stop, nx - 1 - region[2].start
+        y0, y1 = ny - region[1].stop, ny - 1 - region[1].start
+        exp_x, exp_y = _expected_span(x0, x1, nx), _expected_span(y0, y1, ny)
+        for name in names:
+            gt = np.load(folder / "npy_gts" / name)
+            img = np.load(folder / "npy_imgs" / name)
+            assert gt.shape == (256, 256) and gt.dtype == np.uint8 and set(np.unique(gt)) <= {0, 1}
+            assert img.shape == (256, 256, 3) and img.dtype == np.uint8
+            assert np.array_equal(img[..., 0], img[..., 2])
+            assert _box(gt) == (exp_x[0], exp_y[0], exp_x[1], exp_y[1])
+        meta = json.loads((folder / "meta.json").read_text())
+        case = meta["cases"]["case-01"]
+        assert case["size"] == [nx, ny, nz]
+        assert case["spacing"] == pytest.approx(SPACING)
+        assert case["origin"] == pytest.approx(ORIGIN)
+        assert case["direction"] == pytest.approx(RAS_DIRECTION)
+        assert case["orientation"] == "RAS" and case["canonical"] == "LPS"
+        assert case["slice_shape"] == [ny, nx]
+        assert case["slice_spacing"] == pytest.approx([SPACING[1], SPACING[0]])
+        assert case["spacing_256"] == pytest.approx([SPACING[1] * ny / 256, SPACING[0] * nx / 256])
+        assert case["slice_thickness"] == pytest.approx(SPACING[2])
+        assert case["intensity"]["level"] == 40.0 and case["intensity"]["width"] == 400.0
+        assert set(meta["slices"]) == set(names)
+        assert cv.slice_spacing(folder / "npy_imgs" / names[0]) == pytest.approx(tuple(case["spacing_256"]))
+
+    # liver (60 HU) in the abdomen window 40/400 -> (60 + 160) / 400 * 255; air -> 0
+    liver = np.load(out / "MyHospital" / "CT_Liver" / "npy_imgs" / "casenum_case-01_sliceid_1.npy")
+    gt = np.load(out / "MyHospital" / "CT_Liver" / "npy_gts" / "casenum_case-01_sliceid_1.npy")
+    inner = gt.astype(bool) & np.roll(gt, 8, 0).astype(bool) & np.roll(gt, -8, 0).astype(bool)
+    inner &= np.roll(gt, 8, 1).astype(bool) & np.roll(gt, -8, 1).astype(bool)
+    assert abs(float(np.median(liver[inner, 0])) - 220 / 400 * 255) <= 1.5
+    assert liver[0, 0, 0] == 0
+
+
+def test_dicom_series(tmp_path):
+    image, label = _ct_arrays()
+    series = tmp_path / "dicom" / "case02"
+    series.mkdir(parents=True)
+    vol = _to_image(image, direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    uid = "1.2.826.0.1.3680043.2.1125.1"
+    for k in range(vol.GetDepth()):
+        s = vol[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(k)),
+                           ("0020|0032", "\\".join(str(v) for v in vol.TransformIndexToPhysicalPoint((0, 0, k)))),
+                           ("0018|0050", str(SPACING[2]))):
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(series / f"slice{k:03d}.dcm"))
+        writer.Execute(s)
+    (tmp_path / "labels").mkdir()
+    sitk.WriteImage(_to_image(label, direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)), str(tmp_path / "labels" / "case02.nrrd"))
+
+    out = tmp_path / "train"
+    summary = cv.convert_dataset(tmp_path / "dicom", tmp_path / "labels", _cfg(out, labels_map={"Liver": (1,)}))
+    assert summary.converted == ["case02"] and summary.slices == {"CT_Liver": 4}
+    folder = out / "MyHospital" / "CT_Liver"
+    case = json.loads((folder / "meta.json").read_text())["cases"]["case02"]
+    assert case["kind"] == "dicom"
+    assert case["spacing"] == pytest.approx(SPACING, abs=1e-4)
+    assert case["size"] == [SHAPE_ZYX[2], SHAPE_ZYX[1], SHAPE_ZYX[0]]
+    # identity direction: no flips, so the box follows the stored indices directly
+    gt = np.load(folder / "npy_gts" / "casenum_case02_sliceid_2.npy")
+    exp_x = _expected_span(LIVER[2].start, LIVER[2].stop - 1, SHAPE_ZYX[2])
+    exp_y = _expected_span(LIVER[1].start, LIVER[1].stop - 1, SHAPE_ZYX[1])
+    assert _box(gt) == (exp_x[0], exp_y[0], exp_x[1], exp_y[1])
+
+
+def test_png_pair(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = np.empty((60, 80, 3), dtype=np.uint8)
+    rgb[:] = (200, 160, 140)
+    rgb += rng.integers(0, 10, size=rgb.shape, dtype=np.uint8)
+    mask = np.zeros((60, 80), dtype=np.uint8)
+    mask[20:41, 30:61] = 255
+    rgb[mask > 0] = (90, 50, 30)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "img" / "ISIC_0001.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / "msk" / "ISIC_0001_segmentation.png"))
+
+    out = tmp_path / "train"
+    cfg = cv.ConvertConfig(modality="Dermoscopy", dataset="ISIC", labels_map={"Skin": (1,)}, out=out)
+    summary = cv.convert_dataset(tmp_path / "img", tmp_path / "msk", cfg)
+    assert summary.slices == {"Dermoscopy_Skin": 1}
+    folder = out / "ISIC" / "Dermoscopy_Skin"
+    img = np.load(folder / "npy_imgs" / "casenum_ISIC-0001_sliceid_0.npy")
+    gt = np.load(folder / "npy_gts" / "casenum_ISIC-0001_sliceid_0.npy")
+    assert img.shape == (256, 256, 3) and img.dtype == np.uint8 and set(np.unique(gt)) == {0, 1}
+    exp_x, exp_y = _expected_span(30, 60, 80), _expected_span(20, 40, 60)
+    assert _box(gt) == (exp_x[0], exp_y[0], exp_x[1], exp_y[1])
+    # 8-bit RGB is kept: lesion colour inside, skin colour outside
+    assert np.abs(img[gt.astype(bool)].mean(0) - (90, 50, 30)).max() < 3
+    assert np.abs(img[:10, :10].reshape(-1, 3).mean(0) - (204.5, 164.5, 144.5)).max() < 3
+
+
+def test_ood_split_disjoint_and_seeded(tmp_path):
+    for i in range(7):
+        _write_case(tmp_path / "images", tmp_path / "labels", f"p{i}", image_ext=".mha", label_ext=".mha")
+    out = tmp_path / "cross_site"
+    cfg = _cfg(out, ood_site=True, finetune_fraction=0.5, seed=3, labels_map={"Liver": (1,)}, modality="MRI",
+               sequence="T2")
+    summary = cv.convert_dataset(str(tmp_path / "images" / "*.mha"), tmp_path / "labels", cfg)
+    site = out / "MRI_Liver" / "MyHospital" / "T2"
+    cases = {}
+    for split in ("finetune", "inference"):
+        names = list((site / split / "npy_imgs").iterdir())
+        cases[split] = {cv.parse_slice_name(p.name)[0] for p in names}
+        assert len(names) == 4 * len(cases[split])
+    assert not cases["finetune"] & cases["inference"]
+    assert cases["finetune"] | cases["inference"] == {f"p{i}" for i in range(7)}
+    assert len(cases["finetune"]) == 4
+    meta = json.loads((site / "meta.json").read_text())
+    assert {c: e["split"] for c, e in meta["cases"].items()} == summary.splits
+    assert cv.split_cases([f"p{i}" for i in range(7)], 0.5, 3) == summary.splits
+    assert cv.split_cases([f"p{i}" for i in range(7)], 0.5, 4) != summary.splits
+    assert set(cv.split_cases(["a", "b"], 0.9, 0).values()) == {"finetune", "inference"}
+    # MRI uses percentile clipping, recorded per case
+    assert meta["cases"]["p0"]["intensity"]["mode"] == "percentile"
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal"])
+def test_write_back_round_trip(tmp_path, axis):
+    _write_case(tmp_path / "images", tmp_path / "labels", "rt")
+    out = tmp_path / "train"
+    cv.convert_dataset(tmp_path / "images", tmp_path / "labels", _cfg(out, axis=axis))
+    _, label = _ct_arrays()
+    for task, value in (("Liver", 1), ("LiverCancer", 2)):
+        folder = out / "MyHospital" / f"CT_{task}"
+        meta = cv.load_meta(folder)
+        preds = {p.name: np.load(p) for p in (folder / "npy_gts").iterdir()}
+        path = tmp_path / "pred" / f"{task}.nii.gz"
+        cv.write_back_prediction(preds, meta, path)
+        back = sitk.ReadImage(str(path))
+        assert back.GetSize() == (SHAPE_ZYX[2], SHAPE_ZYX[1], SHAPE_ZYX[0])
+        assert back.GetSpacing() == pytest.approx(SPACING)
+        assert back.GetOrigin() == pytest.approx(ORIGIN)
+        assert back.GetDirection() == pytest.approx(RAS_DIRECTION)
+        assert np.array_equal(sitk.GetArrayFromImage(back), (label == value).astype(np.uint8))
+
+
+def test_bad_inputs_error_or_counted_skip(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    _write_case(images, labels, "good")
+    (images / "broken.nii.gz").write_bytes(b"not a nifti")
+    (labels / "broken.nii.gz").write_bytes(b"not a nifti")
+    _write_case(images, labels, "nolabel")
+    (labels / "nolabel.nii.gz").unlink()
+    image, label = _ct_arrays()
+    sitk.WriteImage(_to_image(image), str(images / "shifted.nii.gz"))
+    sitk.WriteImage(_to_image(label[:, :, :30]), str(labels / "shifted.nii.gz"))
+
+    cfg = _cfg(tmp_path / "train")
+    with pytest.raises(cv.ConversionError, match="broken.nii.gz"):
+        cv.convert_case(images / "broken.nii.gz", labels / "broken.nii.gz", cfg)
+    with pytest.raises(cv.ConversionError, match=r"shifted.nii.gz.*size"):
+        cv.convert_case(images / "shifted.nii.gz", labels / "shifted.nii.gz", cfg)
+
+    summary = cv.convert_dataset(images, labels, cfg)
+    assert summary.converted == ["good"]
+    skipped = dict(summary.skipped)
+    assert set(skipped) == {str(images / n) for n in ("broken.nii.gz", "nolabel.nii.gz", "shifted.nii.gz")}
+    assert "no label" in skipped[str(images / "nolabel.nii.gz")]
+    assert "skipped 3" in summary.describe()
+    with pytest.raises(cv.ConversionError, match="nolabel"):
+        cv.convert_dataset(images, labels, cfg, strict=True)
+
+
+def test_cli(tmp_path):
+    _write_case(tmp_path / "images", tmp_path / "labels", "cli_case_0000", label_ext="_seg.nii.gz")
+    (tmp_path / "labels" / "cli_case_0000_seg.nii.gz").rename(tmp_path / "labels" / "cli_case_seg.nii.gz")
+    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.get_args_parser().parse_args([
+        "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "--modality", "CT",
+        "--labels_map", "1:Liver,2:LiverCancer", "--dataset", "MyHospital", "--out", str(tmp_path / "eval"),
+        "--ood_site", "--finetune_fraction", "0", "--window", "lung", "--keep_empty",
+    ])
+    summary = module.main(args)
+    assert summary.converted == ["cli-case"]
+    folder = tmp_path / "eval" / "CT_LiverCancer" / "MyHospital" / "inference"
+    assert len(list((folder / "npy_imgs").iterdir())) == SHAPE_ZYX[0]  # --keep_empty keeps all slices
+    meta = cv.load_meta(tmp_path / "eval" / "CT_LiverCancer" / "MyHospital")
+    assert meta["cases"]["cli-case"]["intensity"]["level"] == -600.0
