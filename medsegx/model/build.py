@@ -193,6 +193,8 @@ def build_model(
         model = build_lite(cfg, fast=fast)
     else:
         model = build_sam256(cfg, fast=fast)
+        if cfg.model_type == "vit_tiny" and checkpoint is not None and not Path(checkpoint).is_file():
+            checkpoint = None  # the scripts' default SAM folder: vit_tiny has no released base weights
         if checkpoint is not None:
             ckpt.load_sam_checkpoint(model, ckpt.resolve_sam_checkpoint(checkpoint, cfg.model_type))
         elif cfg.model_type != "vit_tiny":

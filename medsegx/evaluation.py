@@ -1,0 +1,87 @@
+"""Wiring of evaluate_internal.py and evaluate_external.py: which slices, which model, which reports.
+
+Internal and external evaluation differ only in the slices they walk (eval/ID
+versus the inference/ folders of eval/OOD|RealWorld/<shift_type>); both go
+through :func:`medsegx.engine.evaluate` and :mod:`medsegx.reports`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import reports, runtime
+from .args import model_hparams
+from .data.catalog import open_catalog
+from .data.dataset import MedSegDataset
+from .engine import evaluate, make_eval_loader
+from .model import build_model
+
+logger = logging.getLogger(__name__)
+
+
+def report_name(data_path: str | Path, shift_type: str | None) -> tuple[str, str, str]:
+    """(sub-folder, file stem, Markdown title) as published: internal/ID, external/<split>-<site|task>."""
+    if shift_type is None:
+        return "internal", "ID", "internal evaluation"
+    split = Path(data_path).resolve().name
+    if split in ("cross_site", "cross_task"):
+        split = Path(data_path).resolve().parent.name
+    return "external", f"{split}-{shift_type.split('_')[1]}", f"external {shift_type} evaluation"
+
+
+def output_dir_for(args: argparse.Namespace, sub: str) -> Path:
+    if args.output_dir:
+        return Path(args.output_dir) / sub
+    if args.model_weight:
+        return Path(args.model_weight).resolve().parent / sub
+    # The backbone alone (adapters at zero): its reports go to a folder named after it.
+    return Path("playground") / f"baseline-{args.model_type}" / sub
+
+
+def run_evaluation(args: argparse.Namespace, external: bool) -> list[dict[str, Any]]:
+    shift_type = args.shift_type if external else None
+    sub, stem, title = report_name(args.data_path, shift_type)
+    out_dir = output_dir_for(args, sub)
+    info = runtime.setup(args, None)
+
+    catalog = open_catalog(args.data_path, shift_type, strict=args.strict, refresh=args.refresh_index)
+    if external:
+        catalog = catalog.select(subset="inference")
+    if not len(catalog):
+        raise SystemExit(f"no slices to evaluate under {args.data_path}"
+                         + (f" ({shift_type}, inference/)" if external else ""))
+
+    model = build_model(args.model_type, checkpoint=args.checkpoint, model_weight=args.model_weight, fast=not args.no_fast, **model_hparams(args))
+    model.to(info.device).eval()
+    if args.compile:
+        model = torch.compile(model)
+    baseline_note = None
+    if args.model_weight is None:
+        baseline_note = (f"No --model_weight: the {args.model_type} backbone alone (ConMoAE adapters at "
+                         "their initial zero state, mask decoder as in the base checkpoint).")
+        logger.warning(baseline_note)
+
+    dataset = MedSegDataset(catalog, train=False)
+    per_rank = max(1, args.batch_size // info.world_size)
+    loader = make_eval_loader(dataset, per_rank, args.num_workers)
+    gallery: list[dict[str, Any]] = []
+    results = evaluate(model, loader, device=info.device, amp=args.use_amp, amp_dtype=args.amp_dtype,
+                       select=args.select, metrics=args.metric, nsd_tolerance=args.nsd_tolerance,
+                       spacing=getattr(catalog, "spacing_of", None), keep_worst=args.gallery, gallery=gallery,
+                       desc=stem)
+    if runtime.is_main_process():
+        for r in results:
+            record = catalog[r["index"]]
+            r["group"] = record.group_key
+            r["case"] = record.case_id
+        paths = reports.write_evaluation_reports(
+            out_dir, stem, title, results, metrics=args.metric, select=args.select, gallery=gallery,
+            note=baseline_note, problems=getattr(catalog, "problems", None))
+        logger.info("reports: %s", ", ".join(str(p) for p in paths))
+    runtime.cleanup_distributed()
+    return results
+
