@@ -86,7 +86,6 @@ def test_volume_two_labels(tmp_path):
     assert summary.converted == ["case-01"] and not summary.skipped
     assert summary.slices == {"CT_Liver": 4, "CT_LiverCancer": 2}
 
-    image, label = _ct_arrays()
     nz, ny, nx = SHAPE_ZYX
     for task, value, region in (("Liver", 1, LIVER), ("LiverCancer", 2, CANCER)):
         folder = out / "MyHospital" / f"CT_{task}"
@@ -106,7 +105,7 @@ def test_volume_two_labels(tmp_path):
             assert _box(gt) == (exp_x[0], exp_y[0], exp_x[1], exp_y[1])
         meta = json.loads((folder / "meta.json").read_text())
         case = meta["cases"]["case-01"]
-        assert case["size"] == [nx, ny, nz]
+        assert case["size"] == [nx, ny, nz] and case["label_values"] == [value]
         assert case["spacing"] == pytest.approx(SPACING)
         assert case["origin"] == pytest.approx(ORIGIN)
         assert case["direction"] == pytest.approx(RAS_DIRECTION)
@@ -189,6 +188,10 @@ def test_png_pair(tmp_path):
     # 8-bit RGB is kept: lesion colour inside, skin colour outside
     assert np.abs(img[gt.astype(bool)].mean(0) - (90, 50, 30)).max() < 3
     assert np.abs(img[:10, :10].reshape(-1, 3).mean(0) - (204.5, 164.5, 144.5)).max() < 3
+    back = cv.write_back_prediction({"casenum_ISIC-0001_sliceid_0.npy": gt}, cv.load_meta(folder),
+                                    tmp_path / "pred.png", label_value=255)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred.png"))), mask)
+    assert back.GetSize() == (80, 60)
 
 
 def test_ood_split_disjoint_and_seeded(tmp_path):
@@ -280,3 +283,11 @@ def test_cli(tmp_path):
     assert len(list((folder / "npy_imgs").iterdir())) == SHAPE_ZYX[0]  # --keep_empty keeps all slices
     meta = cv.load_meta(tmp_path / "eval" / "CT_LiverCancer" / "MyHospital")
     assert meta["cases"]["cli-case"]["intensity"]["level"] == -600.0
+
+
+def test_images_and_labels_in_one_folder(tmp_path):
+    _write_case(tmp_path, tmp_path, "a", label_ext="_seg.nii.gz")
+    _write_case(tmp_path, tmp_path, "b", label_ext="_seg.nii.gz")
+    pairs, missing = cv.pair_inputs(tmp_path, tmp_path)
+    assert not missing
+    assert [(i.name, lab.name) for i, lab in pairs] == [("a.nii.gz", "a_seg.nii.gz"), ("b.nii.gz", "b_seg.nii.gz")]

@@ -27,7 +27,7 @@ Intensity
 ---------
 CT and CTA are windowed (level/width in HU); every other modality (MRI, CBCT, US, ...) is clipped
 to the 0.5-99.5 percentiles of the case's non-zero voxels (zero background stays 0), following the
-MedSAM recipe the published database derives from. 2-D inputs that are already 8-bit are kept as
+widely used MedSAM preprocessing recipe. 2-D inputs that are already 8-bit are kept as
 they are (RGB stays RGB, grey is replicated to 3 channels). Default CT windows by task:
 
 =============  ===========  ======  ============================================================
@@ -291,11 +291,16 @@ def _is_supported_file(path: Path) -> bool:
 
 
 def _is_dicom_dir(path: Path) -> bool:
+    """A folder of DICOM files: ``.dcm``/``.ima`` files, or extension-less files GDCM recognises."""
     if not path.is_dir():
         return False
-    return any(p.is_file() and p.suffix.lower() in DICOM_EXTENSIONS for p in path.iterdir()) or bool(
-        sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-    )
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if any(p.suffix.lower() in DICOM_EXTENSIONS for p in files):
+        return True
+    # only ask GDCM (which warns on stderr when it finds nothing) about extension-less files
+    if any(p.suffix == "" for p in files) and not any(_is_supported_file(p) for p in files):
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    return False
 
 
 def find_images(images: str | Path) -> list[Path]:
@@ -335,7 +340,7 @@ def find_label(image: Path, labels: Path, index: dict[str, list[Path]] | None = 
     stems = [stem] + [stem[: -len(s)] for s in IMAGE_SUFFIXES if stem.endswith(s)]
     for base in stems:
         for suffix in LABEL_SUFFIXES:
-            hits = index.get(base + suffix, [])
+            hits = [h for h in index.get(base + suffix, []) if h.resolve() != image.resolve()]
             if len(hits) > 1:
                 raise ConversionError(f"{image}: several labels match: {', '.join(map(str, hits))}")
             if hits:
@@ -707,7 +712,7 @@ def convert_case(image_path: str | Path, label_path: str | Path, cfg: ConvertCon
                 geometry["direction"]),
             "canonical": None if is_2d or cfg.orient == "none" else "LPS",
             "perm": perm, "flip": flip, "axis": None if is_2d else cfg.axis, "flip_rows": flip_rows,
-            "canonical_shape": list(image_vol.shape), "n_slices": int(n_slices),
+            "canonical_shape": list(label_vol.shape), "n_slices": int(n_slices),
             "slice_shape": plane_shape, "slice_spacing": [float(v) for v in in_plane],
             "slice_thickness": float(thickness), "spacing_256": spacing_256,
             "split": split, "intensity": bounds, "slices": written,
@@ -745,18 +750,30 @@ def update_meta(cfg: ConvertConfig, results: Iterable[CaseResult]) -> list[Path]
             "layout": "ood" if cfg.ood_site else "id", "target_size": TARGET_SIZE,
         })
         cases, slices = meta.setdefault("cases", {}), meta.setdefault("slices", {})
+        renewed = {res.case for res in results_of_task}
+        slices = {k: v for k, v in slices.items() if v.get("case") not in renewed}  # drop stale slices
         for res in results_of_task:
-            slices_of_case = {k for k, v in slices.items() if v.get("case") == res.case}
-            for name in slices_of_case:
-                del slices[name]
             cases[res.case] = res.entries[task]
             slices.update(res.slices[task])
+        meta["slices"] = slices
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.write_text(_dump_meta(meta))
         os.replace(tmp, path)
         written.append(path)
     return written
+
+
+def _dump_meta(meta: dict) -> str:
+    """JSON with one line per header field, per case and per slice: readable and diff-friendly."""
+    lines = []
+    for key, value in meta.items():
+        if isinstance(value, dict) and key in ("cases", "slices"):
+            body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
+            lines.append(f" {json.dumps(key)}: {{\n{body}\n }}" if value else f" {json.dumps(key)}: {{}}")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def find_meta(slice_path: str | Path) -> Path | None:
@@ -891,23 +908,30 @@ class ConversionSummary:
 def pair_inputs(images: str | Path, labels: str | Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
     """Pair every image of ``images`` (folder or glob) with its label in folder ``labels``.
 
-    Returns the pairs and the images without a label as (path, reason).
+    Images and labels may share a folder (``case.nii.gz`` + ``case_seg.nii.gz``): files that are
+    the label of another image are not taken as images. Returns the pairs and the images without
+    a label as (path, reason).
     """
     labels = Path(labels)
     if not labels.is_dir():
         raise FileNotFoundError(f"{labels}: label folder not found")
     index = _label_index(labels)
-    pairs, missing = [], []
+    found: dict[Path, Path | str] = {}
     for image in find_images(images):
         try:
-            label = find_label(image, labels, index)
+            found[image] = find_label(image, labels, index)
         except ConversionError as err:
-            missing.append((str(image), str(err)))
-            continue
-        if label.resolve() == image.resolve():
-            missing.append((str(image), f"{image}: the image is its own label; use separate folders or suffixes"))
-            continue
-        pairs.append((image, label))
+            found[image] = str(err)
+    # a label is matched from its image, never the other way round (case_seg has no case_seg_seg)
+    used = {label.resolve() for label in found.values() if isinstance(label, Path)}
+    pairs, missing = [], []
+    for image, label in found.items():
+        if image.resolve() in used:
+            continue  # a label file sitting among the images
+        if isinstance(label, str):
+            missing.append((str(image), label))
+        else:
+            pairs.append((image, label))
     return pairs, missing
 
 
@@ -963,7 +987,7 @@ def convert_dataset(images: str | Path, labels: str | Path, cfg: ConvertConfig,
     finally:
         # written slices stay described even when a strict run stops half-way
         summary.meta_files = [str(p) for p in update_meta(cfg, results)]
-    logger.info("%s", summary.describe())
+    logger.info("converted %d case(s), skipped %d", len(summary.converted), len(summary.skipped))
     if not summary.converted:
         raise ConversionError(f"no case converted from {images} ({len(summary.skipped)} skipped):\n"
                               + summary.describe())
