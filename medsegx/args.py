@@ -90,6 +90,7 @@ def train_parser(description: str, finetune: bool) -> argparse.ArgumentParser:
     p.add_argument("--save_every", type=int, default=0, help="also write model_latest.pth every N steps")
     p.add_argument("--save_epochs", action="store_true", help="keep model_{epoch}.pth of every epoch")
     p.add_argument("--val_every", type=int, default=1, help="validate every N epochs")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after N optimiser steps (smoke runs, benchmarks)")
     p.add_argument("--val_batch_size", type=int, default=None)
     p.add_argument("--prefix_cache", action="store_true",
                    help="lite: cache the frozen stages below the first adapter across epochs (exact)")

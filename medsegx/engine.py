@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +75,14 @@ def train_one_epoch(
     writer: Any = None,
     global_step: int = 0,
     on_step: Callable[[int], None] | None = None,
+    max_steps: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, float]:
-    """One epoch; an optimiser step every ``accum_steps`` micro-batches. Returns averages and the step."""
+    """One epoch (or until ``max_steps`` optimiser steps in all); a step every ``accum_steps`` micro-batches.
+
+    Returns the epoch's mean loss over samples (reduced over ranks), the
+    sample count and the global step.
+    """
     model.train()
     total_loss, total_n, steps = 0.0, 0, 0
     batches = iter(loader)
@@ -85,7 +90,7 @@ def train_one_epoch(
     n_steps = math.ceil(n_micro / accum_steps) if n_micro else None
     bar = tqdm(total=n_steps, desc=f"epoch {epoch}", disable=not (show_progress and runtime.is_main_process()),
                dynamic_ncols=True, leave=False)
-    while True:
+    while max_steps is None or global_step < max_steps:
         group = [b for _, b in zip(range(accum_steps), batches)]
         if not group:
             break
@@ -261,7 +266,7 @@ class FitConfig:
     save_every: int = 0
     save_epochs: bool = False
     val_every: int = 1
-    extra: dict = field(default_factory=dict)
+    max_steps: int | None = None
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
@@ -339,6 +344,9 @@ def fit(
             save("model_latest.pth", state["epoch"], step)
 
     for epoch in range(start_epoch, cfg.num_epochs):
+        if cfg.max_steps is not None and global_step >= cfg.max_steps:
+            logger.info("reached --max_steps %d", cfg.max_steps)
+            break
         state["epoch"] = epoch
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
@@ -349,7 +357,7 @@ def fit(
             stats = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch,
                                     accum_steps=cfg.accum_steps, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
                                     scaler=scaler, iou_loss_weight=cfg.iou_loss_weight, writer=writer,
-                                    global_step=global_step, on_step=on_step)
+                                    global_step=global_step, on_step=on_step, max_steps=cfg.max_steps)
         except NonFiniteLossError as err:
             save("model_latest.pth", epoch, err.step)
             logger.error("%s. Stopped; the last good state is in %s (resume with --resume)", err,

@@ -93,7 +93,7 @@ def train_run(
         val_loader = make_eval_loader(val_set, args.val_batch_size or micro, args.num_workers)
     cfg = FitConfig(num_epochs=args.num_epochs, output_dir=output_dir, accum_steps=accum, amp=args.use_amp,
                     amp_dtype=args.amp_dtype, iou_loss_weight=args.iou_loss_weight, save_every=args.save_every,
-                    save_epochs=args.save_epochs, val_every=args.val_every)
+                    save_epochs=args.save_epochs, val_every=args.val_every, max_steps=args.max_steps)
     logger.info("training on %d slices, validating on %d, epochs %d..%d", len(train_set),
                 len(val_loader.dataset) if val_loader else 0, start_epoch + 1, args.num_epochs)
     return fit(model, optimizer, train_loader, cfg, val_loader=val_loader, scaler=scaler,

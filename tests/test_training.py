@@ -1,0 +1,128 @@
+"""Training end to end on CPU with the tiny model: the real scripts, DDP through torchrun, exact resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsegx.losses import medsegx_loss, per_output_loss
+from medsegx.training import batch_plan
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model_type", "vit_tiny", "--device_ids", "--num_workers", "0", "--threads", "1"]
+
+
+def _run(cmd: list[str], cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_batch_plan():
+    assert batch_plan(1024, 8, None) == (128, 1)
+    assert batch_plan(1024, 8, 32) == (32, 4)
+    assert batch_plan(64, 1, 24) == (22, 3)  # 3 x 22 = 66 would overshoot: logged, nearest equal split
+    with pytest.raises(ValueError):
+        batch_plan(2, 4, None)
+
+
+def test_loss_is_min_over_outputs():
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 2:6, 2:6] = 1
+    good = (target * 20 - 10).expand(2, 1, 8, 8)
+    bad = -good
+    logits = torch.cat([bad, good, bad], dim=1)
+    per = per_output_loss(logits, target)
+    assert per.shape == (2, 3) and bool((per[:, 1] < per[:, 0]).all())
+    loss, per_sample = medsegx_loss(logits, torch.zeros(2, 3), target)
+    torch.testing.assert_close(per_sample, per[:, 1])
+    torch.testing.assert_close(loss, per[:, 1].mean())
+
+
+def test_pretrain_one_epoch_on_real_slices(real_db, tmp_path):
+    _run([sys.executable, "pretrain.py", *TINY, "--data_path", str(real_db / "train"),
+          "--val_path", str(real_db / "eval" / "ID"), "--num_epochs", "1", "--batch_size", "8",
+          "--work_dir", str(tmp_path), "--task_name", "run"])
+    out = tmp_path / "run"
+    for name in ("model_latest.pth", "model_best.pth", "model_lowest.pth", "history.jsonl", "curves.png",
+                 "run_info.json", "log.txt"):
+        assert (out / name).exists(), name
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert history[0]["epoch"] == 1 and history[0]["samples"] == 64 and 0 <= history[0]["val_dsc"] <= 1
+    assert any((out / "tensorboard").iterdir())
+    ckpt = torch.load(out / "model_latest.pth", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["model_type"] == "vit_tiny"
+    assert json.loads((out / "run_info.json").read_text())["git"]
+
+
+def test_ddp_two_processes_equal_one_process(real_db, tmp_path):
+    common = [*TINY, "--data_path", str(real_db / "train"), "--val_path", str(real_db / "eval" / "ID"),
+              "--num_epochs", "1", "--max_steps", "1", "--batch_size", "4", "--adapter_dropout", "0",
+              "--work_dir", str(tmp_path)]
+    _run([sys.executable, "pretrain.py", *common, "--task_name", "single"])
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "pretrain.py", *common, "--task_name", "ddp"])
+    for name in ("single", "ddp"):
+        ckpt = torch.load(tmp_path / name / "model_latest.pth", map_location="cpu", weights_only=False)
+        assert ckpt["step"] == 1
+    info = json.loads((tmp_path / "ddp" / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    single, ddp = _weights(tmp_path / "single" / "model_latest.pth"), _weights(tmp_path / "ddp" / "model_latest.pth")
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_resume_gives_the_uninterrupted_weights(real_db, tmp_path):
+    common = [*TINY, "--data_path", str(real_db / "train"), "--val_path", str(real_db / "eval" / "ID"),
+              "--batch_size", "16", "--max_train_slices", "32", "--work_dir", str(tmp_path)]
+    _run([sys.executable, "pretrain.py", *common, "--num_epochs", "2", "--task_name", "full"])
+    _run([sys.executable, "pretrain.py", *common, "--num_epochs", "1", "--task_name", "part"])
+    _run([sys.executable, "pretrain.py", *common, "--num_epochs", "2", "--task_name", "part",
+          "--resume", str(tmp_path / "part" / "model_latest.pth")])
+    full, resumed = _weights(tmp_path / "full" / "model_latest.pth"), _weights(tmp_path / "part" / "model_latest.pth")
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
+    assert torch.load(tmp_path / "part" / "model_latest.pth", weights_only=False)["epoch"] == 2
+
+
+def test_finetune_data_ratios_summary(real_db, tmp_path):
+    _run([sys.executable, "finetune.py", *TINY, "--data_path", str(real_db / "eval" / "OOD"),
+          "--shift_type", "cross_task", "--num_epochs", "1", "--batch_size", "4", "--data_ratio", "0.5", "1.0",
+          "--work_dir", str(tmp_path), "--task_name", "ft"])
+    out = tmp_path / "ft" / "cross_task"
+    summary = (out / "summary.md").read_text()
+    assert "US_FetalHead/HC18" in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| US_FetalHead")]
+    assert len(rows) == 2  # one per data ratio
+    assert (out / "summary.csv").exists()
+    assert (out / "US_FetalHead" / "HC18" / "ratio_0.5" / "model_latest.pth").exists()
+
+
+def test_vit_b_training_step_on_cpu():
+    from medsegx.model.build import apply_freeze_policy, build_sam256, model_config
+
+    torch.manual_seed(0)
+    model = build_sam256(model_config("vit_b"))
+    apply_freeze_policy(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    image = torch.rand(2, 3, 256, 256) * 255
+    box = torch.tensor([[40.0, 40.0, 200.0, 180.0], [60.0, 30.0, 120.0, 220.0]])
+    label = torch.zeros(2, 1, 256, 256)
+    label[0, :, 40:180, 40:200] = 1
+    label[1, :, 30:220, 60:120] = 1
+    out = model(image, box, torch.tensor([2, 7]), torch.tensor([[1, 4, 17, 59], [1, 5, 27, 82]]))
+    loss, _ = medsegx_loss(out.masks, out.iou_pred, label)
+    loss.backward()
+    before = model.mask_decoder.mask_tokens.weight.detach().clone()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, model.mask_decoder.mask_tokens.weight)
