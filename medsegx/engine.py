@@ -25,15 +25,13 @@ from tqdm import tqdm
 
 from . import runtime
 from .losses import medsegx_loss
-from .metrics import dice as dice_metric
 from .metrics import hd95 as hd95_metric
 from .metrics import nsd as nsd_metric
+from .metrics.select import SELECTION_MODES as SELECT_MODES
+from .metrics.select import binarize, dice_per_mask, select_masks
 from .model.checkpoint import load_medsegx_weights, save_checkpoint
 
 logger = logging.getLogger(__name__)
-
-SELECT_MODES = ("oracle", "iou", "first")
-
 
 class NonFiniteLossError(RuntimeError):
     """A NaN/inf loss: carries the step and the batch's files so the run can stop loudly."""
@@ -153,16 +151,6 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _select(dsc_all: np.ndarray, iou_pred: np.ndarray, mode: str) -> np.ndarray:
-    if mode == "oracle":
-        return np.argmax(dsc_all, axis=1)  # ties -> first, as published
-    if mode == "iou":
-        return np.argmax(iou_pred, axis=1)
-    if mode == "first":
-        return np.zeros(len(dsc_all), dtype=int)
-    raise ValueError(f"unknown selection {mode!r}; choose from {SELECT_MODES}")
-
-
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -198,22 +186,25 @@ def evaluate(
         batch = _to_device(batch, device)
         with runtime.autocast(device, amp, amp_dtype):
             out = _forward(model, batch)
-        pred = out.masks.float() > 0  # sigmoid(x) > 0.5
-        label = batch["label"].bool()
-        b, k = pred.shape[:2]
-        gt_np = label[:, 0].cpu().numpy()
-        pred_np = pred.cpu().numpy()
-        dsc_all = dice_metric(pred_np.reshape(b * k, *pred_np.shape[2:]), np.repeat(gt_np, k, axis=0)).reshape(b, k)
+        masks = binarize(out.masks.float())  # sigmoid > 0.5, as published; B x 3 x H x W
+        gt = batch["label"][:, 0].bool().cpu().numpy()
         iou_pred = out.iou_pred.float().cpu().numpy()
-        chosen = {mode: _select(dsc_all, iou_pred, mode) for mode in SELECT_MODES}
-        rows = np.arange(b)
-        empty = ~gt_np.reshape(b, -1).any(axis=1)
+        counts = dice_per_mask(masks, gt)
+        dsc_all = counts["dsc"]
+        chosen = {mode: select_masks(masks, gt, iou_pred, mode) for mode in SELECT_MODES}
         sel = chosen[select]
-        best = pred_np[rows, sel]
-        hd = hd95_metric(best, gt_np) if "hd" in metrics else np.full(b, np.nan)
-        nsd = nsd_metric(best, gt_np, tolerance=nsd_tolerance) if "nsd" in metrics else None
-        for j in range(b):
-            index = int(batch["index"][j])
+        rows = np.arange(len(sel))
+        best = masks[rows, sel]
+        hd = hd95_metric(best, gt, empty="published") if "hd" in metrics else np.full(len(sel), np.nan)
+        nsd = nsd_metric(best, gt, nsd_tolerance, empty="published") if "nsd" in metrics else None
+        indices = [int(i) for i in batch["index"]]
+        spacings = [spacing(i) if spacing is not None else None for i in indices]
+        known = [j for j, sp in enumerate(spacings) if sp is not None]
+        hd_mm = np.full(len(sel), np.nan)
+        if known and "hd" in metrics:
+            hd_mm[known] = hd95_metric(best[known], gt[known], spacing=np.array([spacings[j] for j in known]),
+                                       empty="published")
+        for j, index in enumerate(indices):
             r: dict[str, Any] = {
                 "index": index,
                 "name": batch["name"][j],
@@ -222,22 +213,23 @@ def evaluate(
                 "chosen": int(sel[j]),
                 "iou_pred": iou_pred[j].tolist(),
                 "dsc_all": dsc_all[j].tolist(),
+                "intersection": int(counts["intersection"][j, sel[j]]),
+                "pred_size": int(counts["pred_size"][j, sel[j]]),
+                "gt_size": int(counts["gt_size"][j]),
             }
             for mode in SELECT_MODES:
                 r[f"dsc_{mode}"] = float(dsc_all[j, chosen[mode][j]])
             if nsd is not None:
                 r["nsd"] = float(nsd[j])
-            if spacing is not None and "hd" in metrics:
-                sp = spacing(index)
-                if sp is not None:
-                    r["hd_mm"] = float(hd95_metric(best[j:j + 1], gt_np[j:j + 1], spacing=sp)[0])
-            if empty[j]:
+            if not np.isnan(hd_mm[j]):
+                r["hd_mm"] = float(hd_mm[j])
+            if r["gt_size"] == 0:
                 r["skipped"] = "empty label"
             results.append(r)
-            if keep_worst and not empty[j]:
-                worst.append((r["dsc"], {"index": index, "name": r["name"], "dsc": r["dsc"],
+            if keep_worst and r["gt_size"]:
+                worst.append((r["dsc"], {"index": index, "title": f"{r['name']}  DSC {r['dsc']:.3f}",
                                          "image": batch["image"][j].permute(1, 2, 0).byte().cpu().numpy(),
-                                         "label": gt_np[j], "pred": best[j]}))
+                                         "label": gt[j], "pred": best[j]}))
                 worst.sort(key=lambda t: t[0])
                 del worst[keep_worst:]
     gathered = runtime.all_gather_objects(results)

@@ -16,6 +16,7 @@ import torch
 from . import reports, runtime
 from .args import model_hparams
 from .data.catalog import open_catalog
+from .data.convert import slice_spacing
 from .data.dataset import MedSegDataset
 from .engine import evaluate, make_eval_loader
 from .model import build_model
@@ -71,17 +72,34 @@ def run_evaluation(args: argparse.Namespace, external: bool) -> list[dict[str, A
     gallery: list[dict[str, Any]] = []
     results = evaluate(model, loader, device=info.device, amp=args.use_amp, amp_dtype=args.amp_dtype,
                        select=args.select, metrics=args.metric, nsd_tolerance=args.nsd_tolerance,
-                       spacing=getattr(catalog, "spacing_of", None), keep_worst=args.gallery, gallery=gallery,
+                       spacing=lambda i: slice_spacing(catalog[i].image_path), keep_worst=args.gallery, gallery=gallery,
                        desc=stem)
     if runtime.is_main_process():
-        for r in results:
-            record = catalog[r["index"]]
-            r["group"] = record.group_key
-            r["case"] = record.case_id
-        paths = reports.write_evaluation_reports(
-            out_dir, stem, title, results, metrics=args.metric, select=args.select, gallery=gallery,
-            note=baseline_note, problems=getattr(catalog, "problems", None))
-        logger.info("reports: %s", ", ".join(str(p) for p in paths))
+        slices = [to_slice_result(r, catalog[r["index"]]) for r in results]
+        paths = reports.write_report(slices, out_dir, stem, title, layout=sub, gallery=gallery)
+        notes = []
+        if baseline_note:
+            notes.append(baseline_note)
+        if args.select != "oracle":
+            notes.append(f"Selection: --select {args.select} (the published tables use oracle selection).")
+        problems = getattr(catalog, "problems", None)
+        if problems:
+            from .data.catalog import describe_problems
+
+            notes.append(f"Bad files skipped while indexing ({len(problems)}):\n\n" + describe_problems(problems, 20))
+        if notes:
+            with paths["details"].open("a") as f:
+                f.write("\n## Notes\n\n" + "\n\n".join(notes) + "\n")
+        logger.info("reports: %s", ", ".join(str(p) for p in paths.values()))
     runtime.cleanup_distributed()
     return results
 
+
+
+def to_slice_result(r: dict[str, Any], record: Any) -> reports.SliceResult:
+    """An engine result as a report row (group and case from the catalog record)."""
+    return reports.SliceResult(
+        name=r["name"], dsc=r["dsc"], hd=r["hd"], group=record.group_key, nsd=r.get("nsd"),
+        dsc_iou=r["dsc_iou"], dsc_first=r["dsc_first"], hd95_mm=r.get("hd_mm"), case=record.case_id,
+        intersection=r["intersection"], pred_size=r["pred_size"], gt_size=r["gt_size"],
+        skipped=r.get("skipped"), index=r["index"])

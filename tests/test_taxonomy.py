@@ -170,3 +170,11 @@ def test_unreadable_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(TaxonomyError, match="taxonomy.json"):
         load_taxonomy(bad)
+
+
+def test_taxonomy_version_constant():
+    from medsegx.data import taxonomy
+
+    assert taxonomy.TAXONOMY_VERSION == load_taxonomy().version == "1.0"
+    with pytest.raises(AttributeError):
+        taxonomy.NOT_A_THING  # noqa: B018

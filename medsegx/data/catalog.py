@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import zlib
@@ -271,23 +272,25 @@ class _Bad(Exception):
 
 
 _HEADER_MEMO: dict[bytes, tuple[tuple[int, ...], np.dtype, bool]] = {}
+_HEAD_READ = 256  # bytes read first: the whole header of any ordinary npy file (usually 128)
 
 
-def _read_npy_header(f: io.BufferedReader) -> tuple[tuple[int, ...], np.dtype, bool]:
-    """(shape, dtype, fortran_order) from an open npy file, leaving it at the data; raises _Bad."""
-    lead = f.read(10)
-    if len(lead) < 10 or lead[:6] != b"\x93NUMPY":
-        raise _Bad(UNREADABLE, "not a .npy file (bad magic bytes)" if len(lead) >= 6 else "empty or truncated file")
-    major = lead[6]
+def _parse_npy_header(head: bytes, read_more: Callable[[int], bytes]) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) from the first bytes of an npy file; raises _Bad."""
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        raise _Bad(UNREADABLE, "not a .npy file (bad magic bytes)" if len(head) >= 6 else "empty or truncated file")
+    major = head[6]
     if major == 1:
-        header_len = int.from_bytes(lead[8:10], "little")
-        raw = lead + f.read(header_len)
+        end = 10 + int.from_bytes(head[8:10], "little")
     elif major in (2, 3):
-        lead += f.read(2)
-        header_len = int.from_bytes(lead[8:12], "little")
-        raw = lead + f.read(header_len)
+        end = 12 + int.from_bytes(head[8:12], "little")
     else:
         raise _Bad(UNREADABLE, f"unsupported .npy format version {major}")
+    if end > len(head):
+        head += read_more(end - len(head))
+        if end > len(head):
+            raise _Bad(UNREADABLE, "truncated .npy header")
+    raw = head[:end]
     cached = _HEADER_MEMO.get(raw)
     if cached is None:
         # Headers repeat across a folder (same shape and dtype): parse each distinct one once.
@@ -301,47 +304,51 @@ def _read_npy_header(f: io.BufferedReader) -> tuple[tuple[int, ...], np.dtype, b
         cached = (tuple(shape), dtype, bool(fortran))
         if len(_HEADER_MEMO) < 4096:
             _HEADER_MEMO[raw] = cached
-    return cached
+    return (*cached, end)
 
 
 def _check_image(path: str) -> tuple[int, int]:
-    """Image (H,W[,1|3]) uint8, header and file size only -> (H, W); raises _Bad."""
+    """Image (H,W[,1|3]) uint8, from its header and file size only -> (H, W); raises _Bad."""
     try:
-        with open(path, "rb") as f:
-            shape, dtype, _ = _read_npy_header(f)
-            data_start, size = f.tell(), os.fstat(f.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            shape, dtype, _, offset = _parse_npy_header(os.read(fd, _HEAD_READ), lambda n: os.read(fd, n))
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
     except OSError as err:
         raise _Bad(UNREADABLE, f"cannot read image: {err}") from None
-    if dtype.hasobject:
-        raise _Bad(BAD_IMAGE, f"image holds Python objects ({dtype}); expected uint8")
     if dtype != np.uint8:
         raise _Bad(BAD_IMAGE, f"image dtype {dtype} is not supported: images must be uint8 0..255 "
                               "(window/rescale 16-bit or float data when converting)")
     if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3))) or 0 in shape:
         raise _Bad(BAD_IMAGE, f"image shape {shape} is not (H,W), (H,W,1) or (H,W,3)")
-    expected = data_start + int(np.prod(shape)) * dtype.itemsize
+    expected = offset + math.prod(shape)
     if size < expected:
         raise _Bad(UNREADABLE, f"truncated image file ({size} of {expected} bytes)")
     return shape[0], shape[1]
 
 
 def read_npy_mask(path: str | Path) -> np.ndarray:
-    """Read a mask file fully, checked: (H,W) (a trailing axis of 1 is dropped), bool/int/float."""
-    path = str(path)
+    """Read a mask file fully, checked -> (H,W) array (a trailing axis of 1 is dropped) of a bool,
+    integer or float dtype, values as stored; raises _Bad."""
     try:
-        with open(path, "rb") as f:
-            shape, dtype, fortran = _read_npy_header(f)
-            if dtype.hasobject:
-                raise _Bad(BAD_MASK, f"mask holds Python objects ({dtype})")
-            nbytes = int(np.prod(shape)) * dtype.itemsize
-            data = f.read(nbytes)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            # One read of the whole (small) file; a second only for an unusually long header.
+            data = os.read(fd, max(os.fstat(fd).st_size, _HEAD_READ))
+            shape, dtype, fortran, offset = _parse_npy_header(data, lambda n: os.read(fd, n))
+        finally:
+            os.close(fd)
     except OSError as err:
         raise _Bad(UNREADABLE, f"cannot read mask: {err}") from None
-    if len(data) < nbytes:
-        raise _Bad(UNREADABLE, f"truncated mask file ({len(data)} of {nbytes} data bytes)")
-    if dtype.kind not in "buif":
+    if dtype.hasobject or dtype.kind not in "buif":
         raise _Bad(BAD_MASK, f"mask dtype {dtype} is not supported (expected uint8 0/1)")
-    mask = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if len(data) < offset + nbytes:
+        raise _Bad(UNREADABLE, f"truncated mask file ({len(data)} of {offset + nbytes} bytes)")
+    mask = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
+    mask = mask.reshape(shape, order="F" if fortran else "C")
     if mask.ndim == 3 and mask.shape[2] == 1:
         mask = mask[..., 0]
     if mask.ndim != 2 or 0 in mask.shape:
@@ -365,8 +372,8 @@ def _check_pair(image_path: str, mask_path: str) -> tuple[str, str, str, int]:
     label_max = mask.max()
     if not label_max > 0:
         return EMPTY_MASK, "mask has no foreground (a box prompt needs a target)", MASKS_DIR, 0
-    binary = label_max == 1 and mask.min() >= 0
-    return "", "", "", 0 if binary else max(2, int(label_max))
+    binary = label_max == 1 and (mask.dtype.kind in "bu" or mask.min() >= 0)
+    return "", "", "", 0 if binary else max(2, int(np.ceil(label_max)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,20 +539,21 @@ def _index_split_root(root: SplitRoot, *, cache_dir: str | Path | None, use_cach
     """Leaf entries of ``root`` (only those under ``root.within``) and a note on cache use."""
     current = _walk_leaves(root.path, root.within)
     read_paths, write_paths = _cache_paths(root.path, cache_dir)
-    cached = _load_cache(read_paths) if use_cache and not refresh else {}
+    cached = _load_cache(read_paths) if use_cache else {}
+    reusable = {} if refresh else cached
     entries, scanned = [], 0
     for rel, sig in current:
-        entry = cached.get(rel)
+        entry = reusable.get(rel)
         if entry is None or entry.sig != sig:
             entry = _scan_leaf(root.path, rel, sig, pool)
             scanned += 1
         entries.append(entry)
     note = f"{len(current) - scanned} of {len(current)} folders from cache"
     if use_cache and scanned:
-        merged = dict(cached) if root.within else {}
-        if root.within:  # a partial walk: keep the rest of the cached tree untouched
+        merged: dict[str, _LeafEntry] = {}
+        if root.within:  # a partial walk: keep the cached rest of the tree as it was
             prefix = "/".join(root.within)
-            merged = {k: v for k, v in merged.items() if not (k == prefix or k.startswith(prefix + "/"))}
+            merged = {k: v for k, v in cached.items() if not (k == prefix or k.startswith(prefix + "/"))}
         merged.update({e.rel: e for e in entries})
         written = _save_cache(write_paths, merged.values())
         note += f", cache written to {written}" if written else ", cache not written"
@@ -740,7 +748,8 @@ def open_catalog(path: str | Path, shift_type: str | None = None, *, splits: Col
     """
     taxonomy = taxonomy or load_taxonomy()
     roots = find_split_roots(path, shift_type, splits=splits, layout=layout)
-    workers = workers if workers is not None else min(8, (os.cpu_count() or 1) * 2)
+    # Threads overlap file-system latency (network storage, cold disks); they do not need cores.
+    workers = 8 if workers is None else workers
     folders: list[Folder] = []
     leaf_parts, blobs, offset_parts = [], [], [np.zeros(1, dtype=np.int64)]
     problems: list[IndexProblem] = []

@@ -69,19 +69,59 @@ class MedSegDataset(Dataset):
     A slice of another size is resized to S (image bilinear with antialiasing, mask nearest) and its
     box scaled by S/W, S/H. ``train`` belongs to this instance: a validation dataset over part of
     the same records is a second instance with ``train=False``.
+
+    ``strict=False`` (training only): a slice that cannot be read any more (changed after indexing)
+    is logged, counted in ``skipped`` and replaced by a nearby one; ``strict=True`` and evaluation
+    datasets raise :class:`DataError` naming the file. ``seed``: see :meth:`_jitter` and :meth:`set_epoch`.
     """
 
     def __init__(self, records: Sequence[SliceRecord], *, train: bool = False, image_size: int = IMAGE_SIZE,
-                 jitter: int = BOX_JITTER):
+                 jitter: int = BOX_JITTER, seed: int | None = None, strict: bool = False):
         self.records = records
         self.train = bool(train)
         self.image_size = int(image_size)
         self.jitter = int(jitter)
+        self.seed = seed
+        self.strict = bool(strict)
+        self.skipped = 0  # slices replaced in this process because they could not be read
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
+        try:
+            return self._sample(index)
+        except DataError as err:
+            # Catalog checks make this rare (a file changed after indexing). Evaluation never
+            # substitutes: a replaced slice would be scored under another name.
+            if self.strict or not self.train:
+                raise
+            self.skipped += 1
+            logger.warning("%s; training on a nearby slice instead (strict=False)", err)
+            problem = str(err)
+        for offset in range(1, min(len(self), 16)):
+            try:
+                return self._sample((index + offset) % len(self))
+            except DataError as err:
+                self.skipped += 1
+                logger.warning("%s; trying the next slice (strict=False)", err)
+        raise DataError(f"no readable slice near index {index}; first: {problem}")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch for seeded jitter; shared memory, so persistent DataLoader workers see it too."""
+        self._epoch.fill_(int(epoch))
+
+    def _jitter(self, index: int) -> np.ndarray:
+        """(4,) random 0..jitter px per side. Without a seed: torch's global RNG (seeded by the run,
+        distinct per DataLoader worker). With a seed: a function of (seed, epoch, index) only, so
+        boxes do not depend on worker count, process count, sample order or other RNG users."""
+        if self.seed is None:
+            return torch.randint(0, self.jitter + 1, (4,)).numpy()
+        rng = np.random.default_rng([self.seed, int(self._epoch), index])
+        return rng.integers(0, self.jitter + 1, size=4)
+
+    def _sample(self, index: int) -> dict:
         record = self.records[index]
         image = load_image(record.image_path)
         mask = load_mask(record.mask_path)
@@ -104,9 +144,7 @@ class MedSegDataset(Dataset):
             label_t = F.interpolate(label_t[None].float(), size=(size, size), mode="nearest-exact")[0].to(torch.uint8)
             box *= np.array([size / width, size / height, size / width, size / height], dtype=np.float32)
         if self.train and self.jitter > 0:
-            # torch's RNG: seeded by torch.manual_seed and distinct per DataLoader worker.
-            shift = torch.randint(0, self.jitter + 1, (4,)).numpy().astype(np.float32)
-            box += shift * np.array([-1, -1, 1, 1], dtype=np.float32)
+            box += self._jitter(index).astype(np.float32) * np.array([-1, -1, 1, 1], dtype=np.float32)
         box = np.clip(box, 0, size - 1)  # a scaled x_max of W-1 lands past S-1 by up to a pixel
         return {
             "image": image_t.contiguous(),

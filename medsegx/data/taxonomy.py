@@ -230,6 +230,13 @@ def parse_taxonomy(raw: Mapping, source: str = "<dict>") -> Taxonomy:
     )
 
 
+def __getattr__(name: str) -> str:
+    # TAXONOMY_VERSION is read from the packaged file on first use, not at import time.
+    if name == "TAXONOMY_VERSION":
+        return load_taxonomy().version
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     """Load and validate a taxonomy file; the packaged one (loaded once per process) by default.
 
