@@ -32,7 +32,7 @@ DICE_POLICIES = ("monai", "published", "nan", "score")
 
 def count_true(m: np.ndarray) -> np.ndarray:
     """Number of True values per batch item of a bool array ``B x ...`` -> int64 ``B``."""
-    flat = m.reshape(m.shape[0], -1)
+    flat = m.reshape(m.shape[0], int(np.prod(m.shape[1:])))
     n = flat.shape[1]
     # Eight bools are one 64-bit word of 0x00/0x01 bytes: a popcount counts them ~10x faster
     # than count_nonzero along an axis.

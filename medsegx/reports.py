@@ -1,0 +1,445 @@
+"""Evaluation reports: the published Markdown + CSV files, byte for byte, plus extra reports.
+
+Published format (what ``evaluate_internal.py`` / ``evaluate_external.py`` wrote beside the model
+weight, ``internal/ID.md|csv`` and ``external/<split>-<site|task>.md|csv``):
+
+* ``<stem>.md``: ``# <title>``, a blank line, then the groups nested as bullets (internal:
+  dataset -> task -> [sequence]; external: task -> dataset -> [sequence]); a group that holds
+  slices is one line ``- name: DSC (0.xxxx), HD (x.xxxx)``, indented two spaces per level; then
+  ``- ALL`` and ``  - Mean: DSC (...), HD (...)``.
+* A group's numbers are the mean of its slices' values; ``ALL / Mean`` is the mean over ALL
+  slices (not over groups). Checked on the released example: slice mean DSC 0.93950 -> 0.9395
+  as printed, while the mean of the six group means would be 0.9279.
+* ``<stem>.csv``: header ``File,DSC,HD``, one row per slice in evaluation order, values
+  written as the shortest repr of the float32 the published code held (``0.9844867587089539``,
+  ``1.0``), an empty field for NaN (pandas' default).
+* Groups and slices appear in the order of the results given (the published scripts walk
+  sorted folders, so the caller passes slices in sorted-folder order).
+
+Inputs are per-slice :class:`SliceResult` records. Skipped slices (``skipped`` = a reason, e.g.
+an empty label that crashed the published code) are left out of the published files and listed
+in ``<stem>_details.md``, which also carries N, mean and std per task, the oracle-vs-honest
+selection gap, HD95 in mm, per-case DSC and the worst slices. ``<stem>_cases.csv`` lists the
+per-case DSC; ``<stem>_dsc_boxplot.png`` and ``<stem>_worst.png`` are figures.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = {"internal": 1, "external": 0}  # position of the task in a result's group path
+_CASE_RE = re.compile(r"casenum_(.+?)_sliceid_")
+
+
+@dataclass
+class SliceResult:
+    """One scored slice.
+
+    ``name`` is the CSV ``File`` key (e.g. ``AbdomenCT1K/CT_Liver/casenum_00371_sliceid_50.npy``);
+    ``group`` the report nesting (default: the folders of ``name``). ``dsc`` / ``hd`` are the
+    published numbers (oracle selection, HD95 in pixels). Optional: ``nsd``, the DSC of the
+    label-free selections ``dsc_iou`` / ``dsc_first``, ``hd95_mm``, ``case`` (default: parsed from
+    ``casenum_<id>_sliceid_``), pixel counts for volumetric DSC, ``skipped`` (a reason; keeps the
+    slice out of the published files) and ``index`` (dataset position, to fetch arrays).
+    """
+    name: str
+    group: tuple[str, ...] = field(default=())
+    dsc: float = math.nan
+    hd: float = math.nan
+    nsd: float | None = None
+    dsc_iou: float | None = None
+    dsc_first: float | None = None
+    hd95_mm: float | None = None
+    case: str | None = None
+    intersection: int | None = None
+    pred_size: int | None = None
+    gt_size: int | None = None
+    skipped: str | None = None
+    index: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.group:
+            self.group = tuple(self.name.split("/")[:-1])
+        self.group = tuple(self.group)
+        if not self.group:
+            raise ValueError(f"result {self.name!r}: no group (pass group= or a name with folders)")
+        if self.case is None:
+            base = self.name.rsplit("/", 1)[-1]
+            m = _CASE_RE.search(base)
+            self.case = m.group(1) if m else base.rsplit(".", 1)[0]
+
+
+# ----------------------------------------------------------------------------- naming
+
+def internal_title() -> str:
+    return "internal evaluation"
+
+
+def external_title(shift_type: str) -> str:
+    """``shift_type`` is ``cross_site`` or ``cross_task``."""
+    return f"external {shift_type} evaluation"
+
+
+def external_stem(split: str, shift_type: str) -> str:
+    """``("OOD", "cross_site") -> "OOD-site"`` (the published file name)."""
+    return f"{split}-{shift_type.split('_')[-1]}"
+
+
+# ----------------------------------------------------------------------------- published files
+
+def _scored(results: Iterable[SliceResult]) -> list[SliceResult]:
+    return [r for r in results if r.skipped is None]
+
+
+def _as_published(v: float | None, float32: bool) -> float:
+    v = math.nan if v is None else float(v)
+    return float(np.float32(v)) if float32 else v
+
+
+def _mean(values: Sequence[float]) -> float:
+    a = np.asarray(values, dtype=np.float64)
+    a = a[~np.isnan(a)]
+    return float(a.mean()) if a.size else math.nan
+
+
+def _tree(results: Sequence[SliceResult]) -> dict:
+    """Nested dict of groups in first-appearance order; leaves hold their results."""
+    root: dict = {}
+    for r in results:
+        node = root
+        for depth, part in enumerate(r.group):
+            node = node.setdefault(part, {"children": {}, "results": []})
+            if depth == len(r.group) - 1:
+                node["results"].append(r)
+            else:
+                node = node["children"]
+    return root
+
+
+def format_summary_md(results: Sequence[SliceResult], title: str, float32: bool = True) -> str:
+    """The published Markdown summary (see the module docstring)."""
+    scored = _scored(results)
+    if not scored:
+        raise ValueError("no scored slices to report")
+    lines = [f"# {title}", ""]
+
+    def fmt(rs: Sequence[SliceResult]) -> str:
+        d = _mean([_as_published(r.dsc, float32) for r in rs])
+        h = _mean([_as_published(r.hd, float32) for r in rs])
+        return f"DSC ({d:.4f}), HD ({h:.4f})"
+
+    def walk(nodes: dict, depth: int, path: tuple[str, ...]) -> None:
+        for name, node in nodes.items():
+            indent = "  " * depth
+            if node["results"] and node["children"]:
+                raise ValueError(f"group {'/'.join(path + (name,))} holds slices and subgroups; "
+                                 "the published format cannot show both")
+            if node["results"]:
+                lines.append(f"{indent}- {name}: {fmt(node['results'])}")
+            else:
+                lines.append(f"{indent}- {name}")
+                walk(node["children"], depth + 1, path + (name,))
+
+    walk(_tree(scored), 0, ())
+    lines += ["- ALL", f"  - Mean: {fmt(scored)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _csv_float(v: float) -> str:
+    if math.isnan(v):
+        return ""  # pandas writes NaN as an empty field
+    return repr(v)
+
+
+def format_slices_csv(results: Sequence[SliceResult], float32: bool = True) -> str:
+    """The published per-slice CSV (``File,DSC,HD``)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["File", "DSC", "HD"])
+    for r in _scored(results):
+        writer.writerow([r.name, _csv_float(_as_published(r.dsc, float32)), _csv_float(_as_published(r.hd, float32))])
+    return buf.getvalue()
+
+
+def write_published(results: Sequence[SliceResult], out_dir: str | Path, stem: str, title: str,
+                    float32: bool = True) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` and ``<stem>.csv`` into ``out_dir`` -> their paths.
+
+    ``float32=True`` rounds values to float32 first, as the published code stored them.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, cs = out / f"{stem}.md", out / f"{stem}.csv"
+    md.write_text(format_summary_md(results, title, float32))
+    cs.write_text(format_slices_csv(results, float32))
+    return md, cs
+
+
+def read_published_csv(path: str | Path) -> list[SliceResult]:
+    """Results from a published ``File,DSC,HD`` CSV (group = folders of the File key)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(rows[0]) != {"File", "DSC", "HD"}:
+        raise ValueError(f"{path}: expected columns File,DSC,HD, got {list(rows[0])}")
+    return [SliceResult(r["File"], dsc=float(r["DSC"] or "nan"), hd=float(r["HD"] or "nan")) for r in rows]
+
+
+def slice_results(names: Sequence[str], scores: dict[str, np.ndarray], groups: Sequence[tuple[str, ...]] | None = None,
+                  indices: Sequence[int] | None = None) -> list[SliceResult]:
+    """Records from :func:`medsegx.metrics.score_multimask` output for a batch of named slices.
+
+    A slice with an empty label is marked ``skipped="empty label"`` (the published code crashed
+    on it), so it is counted in the details but kept out of the published files.
+    """
+    def opt(key: str, i: int) -> float | None:
+        return float(scores[key][i]) if key in scores else None
+
+    out = []
+    for i, name in enumerate(names):
+        empty = bool(scores["empty_label"][i]) if "empty_label" in scores else False
+        out.append(SliceResult(
+            name=name, group=tuple(groups[i]) if groups is not None else (), dsc=float(scores["dsc"][i]),
+            hd=float(scores["hd95"][i]), nsd=opt("nsd", i), dsc_iou=opt("dsc_iou", i), dsc_first=opt("dsc_first", i),
+            hd95_mm=opt("hd95_mm", i),
+            intersection=int(scores["intersection"][i]) if "intersection" in scores else None,
+            pred_size=int(scores["pred_size"][i]) if "pred_size" in scores else None,
+            gt_size=int(scores["gt_size"][i]) if "gt_size" in scores else None,
+            skipped="empty label" if empty else None,
+            index=int(indices[i]) if indices is not None else None))
+    return out
+
+
+# ----------------------------------------------------------------------------- details
+
+def _task_of(r: SliceResult, layout: str) -> str:
+    level = LAYOUTS[layout]
+    return r.group[min(level, len(r.group) - 1)]
+
+
+def _stats(values: Iterable[float | None]) -> tuple[int, float, float]:
+    a = np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return 0, math.nan, math.nan
+    return int(a.size), float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def _ms(values: Iterable[float | None], digits: int = 4) -> str:
+    n, m, s = _stats(values)
+    return "-" if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def case_dsc(results: Sequence[SliceResult]) -> list[dict[str, Any]]:
+    """Per-case DSC: slices grouped by (group, case).
+
+    ``dsc_volume`` = 2 Σ intersection / (Σ pred + Σ gt) over the case's scored slices when every
+    slice carries pixel counts (a 3-D DSC over the slices that were evaluated), else NaN;
+    ``dsc_slice_mean`` = mean of the slices' DSC. ``dsc`` is the first when available.
+    """
+    cases: dict[tuple, list[SliceResult]] = {}
+    for r in _scored(results):
+        cases.setdefault(r.group + (r.case,), []).append(r)
+    out = []
+    for key, rs in cases.items():
+        counts = all(r.intersection is not None and r.pred_size is not None and r.gt_size is not None for r in rs)
+        vol = math.nan
+        if counts:
+            inter = sum(int(r.intersection) for r in rs)
+            denom = sum(int(r.pred_size) + int(r.gt_size) for r in rs)
+            gt = sum(int(r.gt_size) for r in rs)
+            vol = 2.0 * inter / denom if gt > 0 else math.nan
+        slice_mean = _mean([r.dsc for r in rs])
+        out.append({"group": key[:-1], "case": key[-1], "n_slices": len(rs), "dsc_volume": vol,
+                    "dsc_slice_mean": slice_mean, "dsc": vol if counts else slice_mean})
+    return out
+
+
+def worst_results(results: Sequence[SliceResult], k: int = 12) -> list[SliceResult]:
+    """The ``k`` scored slices with the lowest DSC (NaN last), worst first."""
+    scored = _scored(results)
+    return sorted(scored, key=lambda r: (math.isnan(r.dsc), r.dsc))[:k]
+
+
+def format_details_md(results: Sequence[SliceResult], title: str, layout: str = "internal",
+                      worst: int = 20) -> str:
+    """Extra statistics beside the published summary (see the module docstring)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    scored = _scored(results)
+    skipped = [r for r in results if r.skipped is not None]
+    cases = case_dsc(results)
+    lines = [f"# {title}: details", ""]
+    lines.append(f"Slices scored: {len(scored)}; skipped: {len(skipped)}. Published numbers (DSC, HD) use the "
+                 "oracle choice (the output with the best DSC against the label); DSC (iou) and DSC (first) "
+                 "choose without the label, so oracle - iou is the selection gap. HD is HD95 in pixels of the "
+                 "scored grid; HD95 mm uses the slice spacing where known. Means ignore NaN; NaN counts are "
+                 "listed below.")
+    lines.append("")
+
+    def row(label: str, rs: Sequence[SliceResult], cs: Sequence[dict]) -> str:
+        n = len(rs)
+        d = _stats(r.dsc for r in rs)
+        iou = _stats(r.dsc_iou for r in rs)
+        gap = f"{d[1] - iou[1]:+.4f}" if iou[0] and d[0] else "-"
+        return (f"| {label} | {n} | {_ms(r.dsc for r in rs)} | {_ms(r.dsc_iou for r in rs)} | "
+                f"{_ms(r.dsc_first for r in rs)} | {gap} | {_ms((r.hd for r in rs), 2)} | "
+                f"{_ms((r.hd95_mm for r in rs), 2)} | {_ms(r.nsd for r in rs)} | {len(cs)} | "
+                f"{_ms(c['dsc'] for c in cs)} |")
+
+    header = ("| {} | N | DSC | DSC (iou) | DSC (first) | oracle - iou | HD95 px | HD95 mm | NSD | cases | "
+              "case DSC |")
+    sep = "|---|---:|---|---|---|---:|---|---|---|---:|---|"
+    lines += ["## Per task", "", header.format("task"), sep]
+    by_task: dict[str, list[SliceResult]] = {}
+    for r in scored:
+        by_task.setdefault(_task_of(r, layout), []).append(r)
+    level = LAYOUTS[layout]
+    for task, rs in by_task.items():
+        cs = [c for c in cases if c["group"][min(level, len(c["group"]) - 1)] == task]
+        lines.append(row(task, rs, cs))
+    lines.append(row("ALL", scored, cases))
+    lines += ["", "## Per group (as in the summary)", "", header.format("group"), sep]
+    by_group: dict[tuple, list[SliceResult]] = {}
+    for r in scored:
+        by_group.setdefault(r.group, []).append(r)
+    for grp, rs in by_group.items():
+        lines.append(row("/".join(grp), rs, [c for c in cases if c["group"] == grp]))
+    vol = sum(1 for c in cases if not math.isnan(c["dsc_volume"]))
+    lines += ["", f"Case DSC: {vol} of {len(cases)} cases volumetric (2·Σ|P∩G| / (Σ|P|+Σ|G|) over the case's "
+              "scored slices, from per-slice pixel counts); the rest mean of slice DSC. Per-case values: "
+              "`*_cases.csv`.", ""]
+    nan_dsc = sum(1 for r in scored if r.dsc is None or math.isnan(r.dsc))
+    nan_hd = sum(1 for r in scored if r.hd is None or math.isnan(r.hd))
+    inf_hd = sum(1 for r in scored if r.hd is not None and math.isinf(r.hd))
+    lines += ["## Missing values", "", f"- DSC NaN: {nan_dsc}", f"- HD NaN: {nan_hd}", f"- HD inf: {inf_hd}", ""]
+    lines += ["## Skipped slices", ""]
+    if skipped:
+        reasons: dict[str, int] = {}
+        for r in skipped:
+            reasons[r.skipped] = reasons.get(r.skipped, 0) + 1
+        lines += [f"- {reason}: {n}" for reason, n in reasons.items()]
+        lines += ["", "| File | reason |", "|---|---|"]
+        lines += [f"| {r.name} | {r.skipped} |" for r in skipped]
+    else:
+        lines.append("None.")
+    lines += ["", f"## Worst {min(worst, len(scored))} slices (lowest DSC)", "", "| File | DSC | HD95 px |", "|---|---:|---:|"]
+    lines += [f"| {r.name} | {r.dsc:.4f} | {r.hd:.4f} |" for r in worst_results(results, worst)]
+    return "\n".join(lines) + "\n"
+
+
+def format_cases_csv(results: Sequence[SliceResult]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["Group", "Case", "Slices", "DSC_volume", "DSC_slice_mean"])
+    for c in case_dsc(results):
+        writer.writerow(["/".join(c["group"]), c["case"], c["n_slices"], _csv_float(c["dsc_volume"]),
+                         _csv_float(c["dsc_slice_mean"])])
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- figures
+
+def plot_dsc_boxplot(results: Sequence[SliceResult], path: str | Path, layout: str = "internal",
+                     title: str = "") -> Path:
+    """PNG box plot of slice DSC per task."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_task: dict[str, list[float]] = {}
+    for r in _scored(results):
+        if r.dsc is not None and not math.isnan(r.dsc):
+            by_task.setdefault(_task_of(r, layout), []).append(float(r.dsc))
+    names = list(by_task)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(names) + 2), 4.5))
+    if names:
+        ax.boxplot([by_task[n] for n in names], showfliers=True)
+        ax.set_xticks(range(1, len(names) + 1), [f"{n} ({len(by_task[n])})" for n in names], rotation=60,
+                      ha="right", fontsize=8)
+    ax.set_ylabel("DSC")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or "DSC per task (N slices)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _display_image(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = np.moveaxis(img, 0, -1)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    lo, hi = float(np.min(img)), float(np.max(img))
+    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+
+
+def plot_gallery(samples: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """PNG gallery, one row per sample: image, label overlay, prediction overlay.
+
+    Each sample: ``{"title": str, "image": H x W [x 3] or 3 x H x W, "label": H x W, "pred": H x W}``
+    (e.g. the worst slices from :func:`worst_results`, arrays fetched by ``index``).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(samples))
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for row, s in enumerate(samples):
+        img = _display_image(s["image"])
+        label = np.asarray(s["label"]).astype(bool).reshape(img.shape[:2])
+        pred = np.asarray(s["pred"]).astype(bool).reshape(img.shape[:2])
+        cmap = "gray" if img.ndim == 2 else None
+        for col, (mask, color, name) in enumerate([(None, None, "image"), (label, (0, 1, 0), "label"),
+                                                   (pred, (1, 0, 0), "prediction")]):
+            ax = axes[row, col]
+            ax.imshow(img, cmap=cmap)
+            if mask is not None:
+                overlay = np.zeros(mask.shape + (4,))
+                overlay[mask] = (*color, 0.45)
+                ax.imshow(overlay)
+                if col == 2:
+                    ax.contour(label, levels=[0.5], colors=["lime"], linewidths=0.8)
+            ax.set_title(f"{s.get('title', '')}\n{name}" if col == 0 else name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- everything
+
+def write_report(results: Sequence[SliceResult], out_dir: str | Path, stem: str, title: str,
+                 layout: str = "internal", gallery: Sequence[dict[str, Any]] | None = None,
+                 float32: bool = True) -> dict[str, Path]:
+    """Published ``<stem>.md|csv`` plus ``<stem>_details.md``, ``<stem>_cases.csv``,
+    ``<stem>_dsc_boxplot.png`` and, given samples, ``<stem>_worst.png`` -> paths by kind."""
+    out = Path(out_dir)
+    md, cs = write_published(results, out, stem, title, float32)
+    paths = {"md": md, "csv": cs}
+    paths["details"] = out / f"{stem}_details.md"
+    paths["details"].write_text(format_details_md(results, title, layout))
+    paths["cases"] = out / f"{stem}_cases.csv"
+    paths["cases"].write_text(format_cases_csv(results))
+    paths["boxplot"] = plot_dsc_boxplot(results, out / f"{stem}_dsc_boxplot.png", layout, title)
+    if gallery:
+        paths["gallery"] = plot_gallery(gallery, out / f"{stem}_worst.png")
+    skipped = sum(1 for r in results if r.skipped is not None)
+    if skipped:
+        logger.warning("%s: %d slice(s) skipped (listed in %s)", stem, skipped, paths["details"].name)
+    return paths

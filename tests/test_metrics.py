@@ -1,0 +1,428 @@
+"""medsegx.metrics against MONAI, an independent scipy reference, and hand-computed cases."""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from medsegx.metrics import (
+    binarize,
+    dice,
+    edge_distances,
+    hausdorff_distance,
+    hd,
+    hd95,
+    mask_edges,
+    nsd,
+    overlap_counts,
+    score_multimask,
+    select_masks,
+)
+from medsegx.metrics.surface import _percentile_linear, _ring
+
+monai_metrics = pytest.importorskip("monai.metrics")
+
+
+# ----------------------------------------------------------------------------- data
+
+def _blob(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    centre = [rng.uniform(-0.1 * n, 1.1 * n) for n in shape]  # sometimes cut by the border
+    radii = [rng.uniform(1, 0.3 * n) for n in shape]
+    r = sum(((gr - c) / rr) ** 2 for gr, c, rr in zip(grids, centre, radii, strict=True))
+    wobble = ndimage.gaussian_filter(rng.normal(size=shape), 2.0) * rng.uniform(0, 6)
+    return r + wobble < 1
+
+
+def random_pairs(n: int, shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blob pairs with shifts, dilations, salt noise, islands, thin shapes; no empty mask."""
+    rng = np.random.default_rng(seed)
+    preds = np.zeros((n, *shape), bool)
+    gts = np.zeros((n, *shape), bool)
+    for i in range(n):
+        g = _blob(rng, shape)
+        if not g.any():
+            g[tuple(int(rng.integers(0, s)) for s in shape)] = True
+        kind = i % 6
+        if kind == 0:
+            p = _blob(rng, shape)  # unrelated: far distances, k-d tree fallback
+        elif kind == 1:
+            p = np.roll(g, tuple(int(v) for v in rng.integers(-5, 6, len(shape))), axis=tuple(range(len(shape))))
+            it = int(rng.integers(1, 3))
+            p = ndimage.binary_dilation(p, iterations=it) if rng.random() < 0.5 else ndimage.binary_erosion(p)
+        elif kind == 2:
+            p = g ^ (rng.random(shape) < 0.003)  # salt noise, holes
+        elif kind == 3:
+            p = g.copy()
+            p[tuple(int(rng.integers(0, s)) for s in shape)] = True  # a far single pixel
+        elif kind == 4:
+            p = np.zeros(shape, bool)  # a thin line
+            sl = [slice(None)] * len(shape)
+            sl[0] = int(rng.integers(0, shape[0]))
+            p[tuple(sl)] = True
+        else:
+            p = g.copy()
+        if not p.any():
+            p = g.copy()
+        preds[i], gts[i] = p, g
+    return preds, gts
+
+
+# ----------------------------------------------------------------------------- references
+
+@contextlib.contextmanager
+def _quiet_one_thread():
+    """MONAI per-slice calls: one torch thread (many small ops contend badly) and no warnings."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def monai_hausdorff(p, g, percentile=None, spacing=None):
+    with _quiet_one_thread():
+        out = monai_metrics.compute_hausdorff_distance(
+            torch.from_numpy(p[:, None]), torch.from_numpy(g[:, None]), include_background=True,
+            percentile=percentile, spacing=spacing)
+    return out.numpy()[:, 0].astype(np.float64)
+
+
+def monai_nsd(p, g, tol, spacing=None):
+    with _quiet_one_thread():
+        out = monai_metrics.compute_surface_dice(
+            torch.from_numpy(p[:, None]).float(), torch.from_numpy(g[:, None]).float(), [tol],
+            include_background=True, spacing=spacing)
+    return out.numpy()[:, 0].astype(np.float64)
+
+
+def scipy_distances(p: np.ndarray, g: np.ndarray, spacing=None) -> tuple[np.ndarray, np.ndarray]:
+    """Independent exact reference for one item: scipy erosion + full EDT."""
+    ep = p ^ ndimage.binary_erosion(p)
+    eg = g ^ ndimage.binary_erosion(g)
+    return (ndimage.distance_transform_edt(~eg, sampling=spacing)[ep],
+            ndimage.distance_transform_edt(~ep, sampling=spacing)[eg])
+
+
+# ----------------------------------------------------------------------------- against MONAI
+
+@pytest.fixture(scope="module")
+def pairs_2d():
+    return random_pairs(240, (256, 256), seed=1)
+
+
+def test_hd95_hd_match_monai_2d(pairs_2d):
+    p, g = pairs_2d
+    ours = hd95(p, g)
+    ref = monai_hausdorff(p, g, percentile=95)
+    # MONAI interpolates in float32 (torch.quantile); ours is np.percentile in float64
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hd(p, g), monai_hausdorff(p, g), rtol=1e-6, atol=1e-5)
+
+
+def test_nsd_matches_monai_2d(pairs_2d):
+    p, g = pairs_2d[0][:120], pairs_2d[1][:120]
+    for tol in (0.0, 1.0, 2.0, 5.5):
+        np.testing.assert_allclose(nsd(p, g, tol), monai_nsd(p, g, tol), rtol=1e-6, atol=1e-6)
+
+
+def test_dice_matches_monai(pairs_2d):
+    p, g = pairs_2d
+    with _quiet_one_thread():
+        ref = monai_metrics.compute_dice(torch.from_numpy(p[:, None]).float(), torch.from_numpy(g[:, None]).float(),
+                                         include_background=True).numpy()[:, 0]
+    np.testing.assert_allclose(dice(p, g), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_anisotropic_2d_matches_monai(pairs_2d):
+    p, g = pairs_2d[0][:60], pairs_2d[1][:60]
+    spacing = (0.7, 1.9)
+    np.testing.assert_allclose(hd95(p, g, spacing=spacing), monai_hausdorff(p, g, 95, spacing), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nsd(p, g, 2.5, spacing=spacing), monai_nsd(p, g, 2.5, spacing), atol=1e-6)
+
+
+def test_3d_anisotropic_matches_monai():
+    p, g = random_pairs(12, (20, 40, 36), seed=2)
+    spacing = (2.5, 0.8, 0.6)
+    np.testing.assert_allclose(hd95(p, g, spacing=spacing), monai_hausdorff(p, g, 95, spacing), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hd(p, g, spacing=spacing), monai_hausdorff(p, g, None, spacing), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(nsd(p, g, 1.5, spacing=spacing), monai_nsd(p, g, 1.5, spacing), atol=1e-6)
+    # B x 1 x D x H x W is the same batch
+    np.testing.assert_array_equal(hd95(p[:, None], g[:, None], spacing=spacing), hd95(p, g, spacing=spacing))
+
+
+def test_per_item_spacing_3d():
+    p, g = random_pairs(6, (10, 24, 24), seed=3)
+    spacing = np.array([[1.0, 1.0, 1.0], [3.0, 0.5, 0.5], [1.0, 1.0, 1.0], [0.4, 2.0, 1.1], [2.0, 2.0, 2.0],
+                        [3.0, 0.5, 0.5]])
+    ours = hd95(p, g, spacing=spacing)
+    for i in range(len(p)):
+        np.testing.assert_allclose(ours[i], hd95(p[i:i + 1], g[i:i + 1], spacing=spacing[i])[0], rtol=0, atol=0)
+    ref = monai_hausdorff(p, g, 95, [list(s) for s in spacing])
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 1.0), (0.3, 2.7), (0.1, 5.0)])
+def test_edge_distances_exact_against_scipy(spacing):
+    p, g = random_pairs(36, (96, 80), seed=4)
+    ed = edge_distances(p, g, spacing=spacing)
+    for i in range(len(p)):
+        ours_pg, ours_gp = ed.item(i)
+        ref_pg, ref_gp = scipy_distances(p[i], g[i], spacing)
+        np.testing.assert_allclose(np.sort(ours_pg), np.sort(ref_pg), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.sort(ours_gp), np.sort(ref_gp), rtol=1e-12, atol=1e-12)
+
+
+def test_edge_distances_exact_3d():
+    p, g = random_pairs(8, (12, 30, 26), seed=5)
+    spacing = (3.0, 0.7, 0.9)
+    ed = edge_distances(p, g, spacing=spacing)
+    for i in range(len(p)):
+        ref_pg, ref_gp = scipy_distances(p[i], g[i], spacing)
+        np.testing.assert_allclose(np.sort(ed.item(i)[0]), np.sort(ref_pg), rtol=1e-12)
+        np.testing.assert_allclose(np.sort(ed.item(i)[1]), np.sort(ref_gp), rtol=1e-12)
+
+
+def test_far_points_use_exact_fallback():
+    """Distances far beyond the probe ring (k-d tree path) and many items in one call."""
+    p = np.zeros((3, 256, 256), bool)
+    g = np.zeros((3, 256, 256), bool)
+    g[:, 10:20, 10:20] = True
+    p[0, 240, 250] = True
+    p[1, 10:20, 10:20] = True
+    p[1, 200:203, 3] = True
+    p[2] = g[2]
+    ours = hd(p, g)
+    ref = [max(d.max(), e.max()) for d, e in (scipy_distances(p[i], g[i]) for i in range(3))]
+    np.testing.assert_allclose(ours, ref, rtol=1e-12)
+    assert ours[0] == pytest.approx(math.hypot(240 - 10, 250 - 10))
+    assert ours[2] == 0.0
+
+
+def test_percentile_is_numpy_percentile_bit_for_bit():
+    rng = np.random.default_rng(0)
+    for n in [1, 2, 3, 7, 20, 21, 100, 1001]:
+        for _ in range(20):
+            x = np.round(rng.exponential(5, n), int(rng.integers(0, 4)))
+            for q in (95, 50, 0, 100, 99.9):
+                assert _percentile_linear(x, q) == np.percentile(x, q)
+
+
+def test_mask_edges_match_scipy_and_border():
+    p, _ = random_pairs(20, (40, 50), seed=6)
+    edges = mask_edges(p)
+    for i in range(len(p)):
+        np.testing.assert_array_equal(edges[i], p[i] ^ ndimage.binary_erosion(p[i]))
+    full = np.ones((1, 5, 6), bool)
+    e = mask_edges(full)[0]
+    assert e.sum() == 2 * 5 + 2 * 6 - 4 and not e[1:-1, 1:-1].any()  # the border is an edge
+
+
+def test_ring_table_is_complete_and_sorted():
+    for spacing in [(1.0, 1.0), (0.3, 2.7), (3.0, 0.7, 0.9)]:
+        offs, dist, reach = _ring(spacing)
+        assert np.all(np.diff(dist) >= 0) and dist[0] == 0
+        radius = dist[-1]
+        grids = np.meshgrid(*[np.arange(-r - 2, r + 3) for r in reach], indexing="ij")
+        allo = np.stack([x.reshape(-1) for x in grids], 1)
+        alld = np.sqrt(((allo * np.array(spacing)) ** 2).sum(1))
+        inside = {tuple(o) for o in allo[alld <= radius]}
+        assert inside <= {tuple(o) for o in offs}
+
+
+# ----------------------------------------------------------------------------- hand-computed
+
+def test_single_pixels():
+    p = np.zeros((1, 10, 10), bool)
+    g = np.zeros((1, 10, 10), bool)
+    p[0, 2, 3] = True
+    g[0, 5, 7] = True
+    assert hd95(p, g)[0] == 5.0 and hd(p, g)[0] == 5.0
+    assert nsd(p, g, 4.9)[0] == 0.0 and nsd(p, g, 5.0)[0] == 1.0
+    assert hd95(p, g, spacing=(2.0, 1.0))[0] == pytest.approx(math.sqrt(6**2 + 4**2))
+    assert dice(p, g)[0] == 0.0
+
+
+def test_pixel_and_line_percentile_interpolation():
+    p = np.zeros((1, 8, 8), bool)
+    g = np.zeros((1, 8, 8), bool)
+    p[0, 5, 5] = True
+    g[0, 5, 5:8] = True  # gt edges at distances 0, 1, 2 from the pixel
+    assert hd95(p, g)[0] == pytest.approx(1.9)  # 1 + 0.9 * (2 - 1)
+    assert hd(p, g)[0] == 2.0
+    assert hausdorff_distance(p, g, 95, directed=True)[0] == 0.0
+    assert nsd(p, g, 1.0)[0] == pytest.approx(3 / 4)
+    assert dice(p, g)[0] == pytest.approx(0.5)
+    assert hd95(p, g, spacing=(1.0, 0.5))[0] == pytest.approx(0.95)
+
+
+def test_shifted_square():
+    p = np.zeros((1, 32, 32), bool)
+    g = np.zeros((1, 32, 32), bool)
+    p[0, 10:20, 10:20] = True
+    g[0, 10:20, 13:23] = True
+    # per direction: 14 zeros, 4 ones, 4 twos, 14 threes (36 edge pixels)
+    assert hd(p, g)[0] == 3.0 and hd95(p, g)[0] == 3.0
+    assert hausdorff_distance(p, g, 50)[0] == 1.5  # vi = 17.5: between sorted[17] = 1 and [18] = 2
+    assert nsd(p, g, 1.0)[0] == pytest.approx(18 / 36)
+    assert nsd(p, g, 2.0)[0] == pytest.approx(22 / 36)
+    assert dice(p, g)[0] == pytest.approx(0.7)
+
+
+def test_anisotropic_vertical_line():
+    p = np.zeros((1, 9, 9), bool)
+    g = np.zeros((1, 9, 9), bool)
+    p[0, 1, 4] = True
+    g[0, 1:5, 4] = True  # distances 0, 1, 2, 3 rows
+    assert hd(p, g, spacing=(2.0, 3.0))[0] == 6.0
+    assert hd95(p, g, spacing=(2.0, 3.0))[0] == pytest.approx(2.0 * (2 + 0.85))
+
+
+# ----------------------------------------------------------------------------- empty masks
+
+def _empty_cases():
+    """Items: both empty, pred empty, gt empty, both present."""
+    p = np.zeros((4, 1, 6), bool)
+    g = np.zeros((4, 1, 6), bool)
+    g[1, 0, 0] = True
+    p[2, 0, 3] = True
+    p[3, 0, 1] = g[3, 0, 1] = True
+    return p, g
+
+
+def test_empty_policy_monai():
+    p, g = _empty_cases()
+    p[2, 0, 4] = True  # more than one edge pixel (MONAI's percentile of infinities is then NaN)
+    out = hd95(p, g)
+    assert np.isnan(out[:3]).all() and out[3] == 0.0
+    np.testing.assert_array_equal(out, monai_hausdorff(p, g, 95))
+    out = hd(p, g)
+    assert np.isnan(out[0]) and out[1] == np.inf and out[2] == np.inf and out[3] == 0.0
+    np.testing.assert_array_equal(out, monai_hausdorff(p, g))
+    out = nsd(p, g, 1.0)
+    assert np.isnan(out[0]) and out[1] == 0.0 and out[2] == 0.0 and out[3] == 1.0
+    np.testing.assert_array_equal(out[1:], monai_nsd(p, g, 1.0)[1:])
+
+
+def test_empty_policy_published_hand_checked():
+    p, g = _empty_cases()
+    out = hd95(p, g, empty="published")
+    # pred empty, label pixel at column 0 of a 1 x 6 image: background distances 1..5;
+    # np.percentile([1, 2, 3, 4, 5], 95) = 4 + 0.8 * 1 = 4.8
+    assert out[1] == pytest.approx(4.8)
+    assert np.isnan(out[0]) and np.isnan(out[2]) and out[3] == 0.0
+    assert hd(p, g, empty="published")[1] == 5.0
+    assert hd95(p, g, spacing=(1.0, 0.5), empty="published")[1] == pytest.approx(2.4)
+    out = nsd(p, g, 1.0, empty="published")
+    assert np.isnan(out[0]) and out[1] == 0.0 and np.isnan(out[2])
+
+
+def test_empty_policy_published_2d_full_check():
+    g = np.zeros((1, 5, 5), bool)
+    g[0, 2, 2] = True
+    p = np.zeros_like(g)
+    ref = ndimage.distance_transform_edt(~g[0])[~g[0]]
+    assert hd95(p, g, empty="published")[0] == np.percentile(ref, 95)
+    full = np.ones((1, 4, 4), bool)
+    assert np.isnan(hd95(np.zeros_like(full), full, empty="published")[0])  # no background: NaN
+
+
+def test_empty_policy_nan_and_dice():
+    p, g = _empty_cases()
+    assert np.isnan(hd95(p, g, empty="nan")[:3]).all()
+    assert np.isnan(nsd(p, g, 1.0, empty="nan")[:3]).all()
+    d = dice(p, g)
+    assert np.isnan(d[0]) and d[1] == 0.0 and np.isnan(d[2]) and d[3] == 1.0
+    d = dice(p, g, empty="score")
+    assert d[0] == 1.0 and d[2] == 0.0
+    with pytest.raises(ValueError):
+        hd95(p, g, empty="zero")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def test_inputs_torch_channel_and_validation():
+    p, g = random_pairs(6, (32, 32), seed=7)
+    ref = hd95(p, g)
+    np.testing.assert_array_equal(hd95(torch.from_numpy(p), torch.from_numpy(g)), ref)
+    np.testing.assert_array_equal(hd95(p[:, None].astype(np.uint8), g[:, None].astype(np.float32)), ref)
+    np.testing.assert_array_equal(dice(torch.from_numpy(p[:, None]), g), dice(p, g))
+    counts = overlap_counts(p, g)
+    np.testing.assert_array_equal(counts["intersection"], (p & g).sum((1, 2)))
+    with pytest.raises(ValueError, match="binary"):
+        hd95(p * 0.5, g)
+    with pytest.raises(ValueError, match="same shape"):
+        dice(p[:, :16], g)
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(p, g, spacing=(1.0, 1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="tolerance"):
+        nsd(p, g, -1.0)
+
+
+def test_odd_sizes_and_border_touching():
+    rng = np.random.default_rng(8)
+    p = rng.random((5, 17, 13)) < 0.4
+    g = rng.random((5, 17, 13)) < 0.4
+    np.testing.assert_allclose(hd95(p, g), monai_hausdorff(p, g, 95), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nsd(p, g, 1.0), monai_nsd(p, g, 1.0), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- selection
+
+def test_select_masks_modes_and_ties():
+    g = np.zeros((3, 1, 16, 16), bool)
+    g[:, 0, 4:10, 4:10] = True
+    m = np.zeros((3, 3, 16, 16), bool)
+    m[0, 0, 4:8, 4:10] = True   # item 0: output 2 best
+    m[0, 1, 4:6, 4:10] = True
+    m[0, 2, 4:10, 4:10] = True
+    m[1, :, 4:9, 4:10] = True   # item 1: three-way tie -> first
+    m[2, 1, 4:10, 4:10] = True  # item 2: outputs 1 and 2 tie -> 1
+    m[2, 2, 4:10, 4:10] = True
+    assert select_masks(m, g, mode="oracle").tolist() == [2, 0, 1]
+    iou = torch.tensor([[0.1, 0.9, 0.9], [0.5, 0.2, 0.1], [0.3, 0.3, 0.3]])
+    assert select_masks(m, iou_pred=iou, mode="iou").tolist() == [1, 0, 0]
+    assert select_masks(m, mode="first").tolist() == [0, 0, 0]
+    logits = torch.where(torch.from_numpy(m), 3.0, -3.0)
+    assert select_masks(logits, torch.from_numpy(g), mode="oracle").tolist() == [2, 0, 1]
+    empty = np.zeros_like(g)
+    assert select_masks(m, empty, mode="oracle").tolist() == [0, 0, 0]
+    with pytest.raises(ValueError):
+        select_masks(m, g, mode="best")
+
+
+def test_binarize_thresholds_like_sigmoid():
+    x = torch.tensor([-1.0, -1e-9, 0.0, 1e-9, 1e-6, 2.0])
+    assert binarize(x).tolist() == (torch.sigmoid(x) > 0.5).tolist()
+    assert binarize(np.array([0, 1, 1], np.uint8)).tolist() == [False, True, True]
+    with pytest.raises(ValueError):
+        binarize(np.array([0, 2]))
+
+
+def test_score_multimask():
+    p, g = random_pairs(9, (40, 40), seed=9)
+    m = np.stack([p, np.roll(p, 2, axis=1), g], axis=1)
+    m[0, 2] = False
+    iou = torch.rand(9, 3)
+    out = score_multimask(m, g[:, None], iou_pred=iou, spacing=(0.5, 0.5), nsd_tolerance=1.0)
+    d_all = np.stack([dice(m[:, k], g) for k in range(3)], 1)
+    np.testing.assert_allclose(out["dsc_all"], d_all)
+    idx = np.argmax(d_all, 1)
+    np.testing.assert_array_equal(out["idx"], idx)
+    chosen = m[np.arange(9), idx]
+    np.testing.assert_allclose(out["hd95"], hd95(chosen, g, empty="published"))
+    np.testing.assert_allclose(out["hd95_mm"], 0.5 * out["hd95"])
+    np.testing.assert_allclose(out["nsd"], nsd(chosen, g, 1.0, spacing=0.5))
+    np.testing.assert_array_equal(out["dsc_iou"], d_all[np.arange(9), select_masks(m, iou_pred=iou, mode="iou")])
+    np.testing.assert_array_equal(out["dsc_first"], d_all[:, 0])
+    np.testing.assert_array_equal(out["intersection"], (chosen & g).sum((1, 2)))
