@@ -440,6 +440,9 @@ class LiteMedSegX(nn.Module):
     ``prompt_encoder.*``, ``mask_decoder.*``) plus the adapters and tables.
     """
 
+    # The engine passes the slices' names as ``cache_keys`` to models that say so.
+    supports_prefix_cache = True
+
     def __init__(self, image_encoder: LiteImageEncoder, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
         super().__init__()
         self.image_encoder = image_encoder
