@@ -78,7 +78,7 @@ _RING_MAX_REACH = 32         # never probe farther than this many pixels along a
 _CANVAS_VOXELS = 1 << 21     # padded voxels per canvas (working set near the L2 cache size)
 _CANVAS_WIDTH = 1024         # row length of the 2-D shelf canvas
 _QUERY_STEP = 1 << 16        # queries per ring-search step (bounds the gathered blocks)
-_PREFILTER_AFTER = 65        # offsets probed before far-away queries are sent to the fallback
+_PREFILTER_AFTER = 25        # offsets probed before far-away queries are sent to the fallback
 _COARSE = 8                  # coarse-grid cell side (8 along the last axis = one 64-bit word)
 
 
