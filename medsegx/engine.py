@@ -107,7 +107,7 @@ def train_one_epoch(
                     raise NonFiniteLossError(global_step, batch["name"], float(loss))
                 weighted = loss * (len(batch["name"]) / group_size)
                 (scaler.scale(weighted) if scaler is not None else weighted).backward()
-            step_loss += float(loss) * len(batch["name"])
+            step_loss += loss.item() * len(batch["name"])
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
