@@ -60,6 +60,18 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def adapter_kwargs(self) -> dict:
+        """The ConMoAE and context-table arguments every backbone's encoder takes."""
+        return {
+            "adapter_bottleneck": self.adapter_bottleneck,
+            "adapter_embed_dim": self.adapter_embed_dim,
+            "num_experts": self.num_experts,
+            "num_modalities": self.num_modalities,
+            "level_sizes": tuple(self.level_sizes),
+            "adapter_dropout": self.adapter_dropout,
+            "adapter_scale": self.adapter_scale,
+        }
+
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -122,15 +134,9 @@ def build_sam256(cfg: ModelConfig, fast: bool = True) -> MedSegX:
         global_attn_indexes=tuple(cfg.encoder_global_attn_indexes),
         window_size=cfg.window_size,
         out_chans=cfg.prompt_embed_dim,
-        adapter_bottleneck=cfg.adapter_bottleneck,
-        adapter_embed_dim=cfg.adapter_embed_dim,
-        num_experts=cfg.num_experts,
         adapted_blocks=cfg.adapted_blocks,
-        num_modalities=cfg.num_modalities,
-        level_sizes=tuple(cfg.level_sizes),
-        adapter_dropout=cfg.adapter_dropout,
-        adapter_scale=cfg.adapter_scale,
         fast=fast,
+        **cfg.adapter_kwargs(),
     )
     prompt_encoder = PromptEncoder(
         embed_dim=cfg.prompt_embed_dim,

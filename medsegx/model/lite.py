@@ -545,14 +545,8 @@ def build_lite(cfg: ModelConfig | None = None, fast: bool = True, weights: str |
     encoder = LiteImageEncoder(
         base.image_encoder,
         adapted_blocks=adapted,
-        adapter_bottleneck=cfg.adapter_bottleneck,
-        adapter_embed_dim=cfg.adapter_embed_dim,
-        num_experts=cfg.num_experts,
-        num_modalities=cfg.num_modalities,
-        level_sizes=tuple(cfg.level_sizes),
-        adapter_dropout=cfg.adapter_dropout,
-        adapter_scale=cfg.adapter_scale,
         fast=fast,
+        **cfg.adapter_kwargs(),
     )
     model = LiteMedSegX(encoder, base.prompt_encoder, base.mask_decoder)
     model.config = cfg
