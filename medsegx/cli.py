@@ -64,7 +64,7 @@ def _compare(args: argparse.Namespace) -> None:
     table = compare_reports(Path(args.a), Path(args.b), tuple(args.labels), args.external)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text((f"# {args.title}\n\n" if args.title else "") + table)
+        Path(args.out).write_text((f"# {args.title}\n\n" if args.title else "") + table, encoding="utf-8")
     sys.stdout.write(table)
 
 

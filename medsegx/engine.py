@@ -381,7 +381,7 @@ def fit(
             writer.add_scalar("train/epoch_loss", record["loss"], epoch + 1)
             if "val_dsc" in record:
                 writer.add_scalar("val/dsc", record["val_dsc"], epoch + 1)
-            with history_path.open("a") as f:
+            with history_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             logger.info("epoch %d/%d: %s", epoch + 1, cfg.num_epochs,
                         ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
@@ -401,7 +401,7 @@ def plot_history(history_path: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     axes[0].plot(epochs, [r["loss"] for r in rows], marker="o")

@@ -88,7 +88,7 @@ def run_evaluation(args: argparse.Namespace, external: bool) -> list[dict[str, A
 
             notes.append(f"Bad files skipped while indexing ({len(problems)}):\n\n" + describe_problems(problems, 20))
         if notes:
-            with paths["details"].open("a") as f:
+            with paths["details"].open("a", encoding="utf-8") as f:
                 f.write("\n## Notes\n\n" + "\n\n".join(notes) + "\n")
         logger.info("reports: %s", ", ".join(str(p) for p in paths.values()))
     runtime.cleanup_distributed()

@@ -74,7 +74,7 @@ def finetune_sites(args: argparse.Namespace, catalog: Any, output_dir: Path) -> 
 def write_summary(rows: list[dict[str, Any]], output_dir: Path, args: argparse.Namespace) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0])
-    with (output_dir / "summary.csv").open("w", newline="") as f:
+    with (output_dir / "summary.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -88,7 +88,7 @@ def write_summary(rows: list[dict[str, Any]], output_dir: Path, args: argparse.N
                      f"{r['zero_shot_dsc']:.4f} ({r['zero_shot_dsc_iou']:.4f}) | "
                      f"{r['finetuned_dsc']:.4f} ({r['finetuned_dsc_iou']:.4f}) | "
                      f"{r['finetuned_dsc'] - r['zero_shot_dsc']:+.4f} |")
-    (output_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    (output_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     logger.info("summary: %s", output_dir / "summary.md")
 
 

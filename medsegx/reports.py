@@ -181,8 +181,8 @@ def write_published(results: Sequence[SliceResult], out_dir: str | Path, stem: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md, cs = out / f"{stem}.md", out / f"{stem}.csv"
-    md.write_text(format_summary_md(results, title, float32))
-    cs.write_text(format_slices_csv(results, float32))
+    md.write_text(format_summary_md(results, title, float32), encoding="utf-8")
+    cs.write_text(format_slices_csv(results, float32), encoding="utf-8")
     return md, cs
 
 
@@ -433,9 +433,9 @@ def write_report(results: Sequence[SliceResult], out_dir: str | Path, stem: str,
     md, cs = write_published(results, out, stem, title, float32)
     paths = {"md": md, "csv": cs}
     paths["details"] = out / f"{stem}_details.md"
-    paths["details"].write_text(format_details_md(results, title, layout))
+    paths["details"].write_text(format_details_md(results, title, layout), encoding="utf-8")
     paths["cases"] = out / f"{stem}_cases.csv"
-    paths["cases"].write_text(format_cases_csv(results))
+    paths["cases"].write_text(format_cases_csv(results), encoding="utf-8")
     paths["boxplot"] = plot_dsc_boxplot(results, out / f"{stem}_dsc_boxplot.png", layout, title)
     if gallery:
         paths["gallery"] = plot_gallery(gallery, out / f"{stem}_worst.png")

@@ -218,7 +218,7 @@ def write_run_info(args: Any, output_dir: Path) -> None:
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
     info = {"args": resolved, "git": git_revision(), "argv": sys.argv, "torch": torch.__version__,
             "world_size": _DIST.world_size, "device": str(_DIST.device)}
-    (output_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+    (output_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
 
 
 def setup(args: Any, output_dir: Path | None) -> DistInfo:

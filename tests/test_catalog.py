@@ -74,7 +74,7 @@ EXPECTED = {
 def test_expected_table_matches_official_file(taxonomy_official):
     import json
 
-    official = json.loads(taxonomy_official.read_text())
+    official = json.loads(taxonomy_official.read_text(encoding="utf-8"))
     for folder, (modal, *_, task) in EXPECTED.items():
         alias, target = folder.split("_", 1)
         assert official["modalities"][official["modality_aliases"][alias]] == modal

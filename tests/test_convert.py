@@ -103,7 +103,7 @@ def test_volume_two_labels(tmp_path):
             assert img.shape == (256, 256, 3) and img.dtype == np.uint8
             assert np.array_equal(img[..., 0], img[..., 2])
             assert _box(gt) == (exp_x[0], exp_y[0], exp_x[1], exp_y[1])
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         case = meta["cases"]["case-01"]
         assert case["size"] == [nx, ny, nz] and case["label_values"] == [value]
         assert case["spacing"] == pytest.approx(SPACING)
@@ -151,7 +151,7 @@ def test_dicom_series(tmp_path):
     summary = cv.convert_dataset(tmp_path / "dicom", tmp_path / "labels", _cfg(out, labels_map={"Liver": (1,)}))
     assert summary.converted == ["case02"] and summary.slices == {"CT_Liver": 4}
     folder = out / "MyHospital" / "CT_Liver"
-    case = json.loads((folder / "meta.json").read_text())["cases"]["case02"]
+    case = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["cases"]["case02"]
     assert case["kind"] == "dicom"
     assert case["spacing"] == pytest.approx(SPACING, abs=1e-4)
     assert case["size"] == [SHAPE_ZYX[2], SHAPE_ZYX[1], SHAPE_ZYX[0]]
@@ -210,7 +210,7 @@ def test_ood_split_disjoint_and_seeded(tmp_path):
     assert not cases["finetune"] & cases["inference"]
     assert cases["finetune"] | cases["inference"] == {f"p{i}" for i in range(7)}
     assert len(cases["finetune"]) == 4
-    meta = json.loads((site / "meta.json").read_text())
+    meta = json.loads((site / "meta.json").read_text(encoding="utf-8"))
     assert {c: e["split"] for c, e in meta["cases"].items()} == summary.splits
     assert cv.split_cases([f"p{i}" for i in range(7)], 0.5, 3) == summary.splits
     assert cv.split_cases([f"p{i}" for i in range(7)], 0.5, 4) != summary.splits

@@ -67,10 +67,10 @@ def test_report_files_have_the_published_format(tiny_reports):
         for split, shift in EXTERNAL]
     for ref, ours in pairs:
         for ext in (".md", ".csv"):
-            ref_lines = (released / (ref + ext)).read_text().splitlines()
-            our_lines = (tiny_reports / (ours + ext)).read_text().splitlines()
+            ref_lines = (released / (ref + ext)).read_text(encoding="utf-8").splitlines()
+            our_lines = (tiny_reports / (ours + ext)).read_text(encoding="utf-8").splitlines()
             assert [_shape(x) for x in our_lines] == [_shape(x) for x in ref_lines], ours + ext
-    details = (tiny_reports / "internal" / "ID_details.md").read_text()
+    details = (tiny_reports / "internal" / "ID_details.md").read_text(encoding="utf-8")
     assert "iou" in details.lower() and "oracle" in details.lower()
     for fig in ("ID_dsc_boxplot.png", "ID_worst.png"):
         assert (tiny_reports / "internal" / fig).stat().st_size > 1000
@@ -86,7 +86,7 @@ def test_empty_label_is_counted_and_reported(tiny_parity_dir, example_db, tmp_pa
         [*_tiny_args(tiny_parity_dir, out), "--data_path", str(data)]))
     rows = _rows(out / "internal" / "ID.csv")
     assert len(rows) == 9 and all("casenum_00371" not in r["File"] for r in rows)
-    details = (out / "internal" / "ID_details.md").read_text()
+    details = (out / "internal" / "ID_details.md").read_text(encoding="utf-8")
     assert "casenum_00371_sliceid_50.npy" in details and "empty" in details.lower()
 
 
@@ -97,7 +97,7 @@ def test_no_model_weight_is_the_baseline_and_says_so(tiny_parity_dir, example_db
     evaluate_external.main(evaluate_external.get_args_parser().parse_args(
         [*args, "--data_path", str(example_db / "eval" / "OOD"), "--shift_type", "cross_site",
          "--select", "iou"]))
-    details = (tmp_path / "external" / "OOD-site_details.md").read_text()
+    details = (tmp_path / "external" / "OOD-site_details.md").read_text(encoding="utf-8")
     assert "No --model_weight" in details and "--select iou" in details
 
 
@@ -119,5 +119,5 @@ def test_vit_b_scripts_on_cpu(example_db, tmp_path):
     evaluate_external.main(evaluate_external.get_args_parser().parse_args(
         [*common, "--data_path", str(example_db / "eval" / "OOD"), "--shift_type", "cross_task"]))
     assert len(_rows(out / "internal" / "ID.csv")) == 10
-    md = (out / "external" / "OOD-task.md").read_text().splitlines()
+    md = (out / "external" / "OOD-task.md").read_text(encoding="utf-8").splitlines()
     assert md[0] == "# external cross_task evaluation" and md[2] == "- CT_ColonCancer"

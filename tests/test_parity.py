@@ -31,7 +31,7 @@ def fixture(tiny_parity_dir):
 
 
 def test_vit_tiny_is_the_fixture_architecture(tiny_parity_dir):
-    ref = json.loads((tiny_parity_dir / "config.json").read_text())
+    ref = json.loads((tiny_parity_dir / "config.json").read_text(encoding="utf-8"))
     cfg = model_config("vit_tiny")
     enc = ref["image_encoder"]
     assert (cfg.encoder_embed_dim, cfg.encoder_depth, cfg.encoder_num_heads) == (

@@ -51,7 +51,7 @@ def test_layout(db):
         n = len(list((d / "npy_imgs").iterdir()))
         assert n == (SMALL["n_train_per_task"] if d.relative_to(db).parts[0] == "train"
                      else SMALL["n_eval_per_task"] if "ID" in d.parts else SMALL["n_ood_per_site"])
-    assert json.loads((db / "phantom.json").read_text())["seed"] == 0
+    assert json.loads((db / "phantom.json").read_text(encoding="utf-8"))["seed"] == 0
 
 
 def test_slices_binary_nonempty_and_paired(db):
@@ -125,7 +125,7 @@ def test_target_is_learnable(folder):
 
 
 def test_task_folders_in_taxonomy(taxonomy_official):
-    tax = json.loads(Path(taxonomy_official).read_text())
+    tax = json.loads(Path(taxonomy_official).read_text(encoding="utf-8"))
     members = {m for ms in tax["organ_members"].values() for m in ms}
     for spec in ph.PHANTOM_TASKS:
         modality, task = spec.folder.split("_", 1)

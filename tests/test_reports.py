@@ -40,7 +40,7 @@ def test_released_examples_reproduced_line_for_line(tmp_path, folder, stem, titl
     ref = shared_path("reference", "released_example_results", folder)
     results = read_published_csv(ref / f"{stem}.csv")
     md, cs = write_published(results, tmp_path, stem, title)
-    assert md.read_text().splitlines() == (ref / f"{stem}.md").read_text().splitlines()
+    assert md.read_text(encoding="utf-8").splitlines() == (ref / f"{stem}.md").read_text(encoding="utf-8").splitlines()
     assert md.read_bytes() == (ref / f"{stem}.md").read_bytes()
     assert cs.read_bytes() == (ref / f"{stem}.csv").read_bytes()
 
@@ -147,7 +147,7 @@ def test_write_report_files(tmp_path):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_published_csv(paths["csv"])[0].group == ("D", "T0")
     # the published files stay the published files: nothing else in them
-    assert paths["md"].read_text() == format_summary_md(results, internal_title())
+    assert paths["md"].read_text(encoding="utf-8") == format_summary_md(results, internal_title())
     assert plot_gallery(gallery[:1], tmp_path / "one.png").is_file()
 
 

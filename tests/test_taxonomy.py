@@ -23,7 +23,7 @@ NO_TASK_ROW = ["StomachCancer", "FNH", "HCC", "ICC", "Hemangioma", "Interstitial
 
 @pytest.fixture(scope="module")
 def official(taxonomy_official):
-    return json.loads(taxonomy_official.read_text())
+    return json.loads(taxonomy_official.read_text(encoding="utf-8"))
 
 
 @pytest.fixture()
@@ -39,7 +39,7 @@ def test_schema_and_sizes():
     assert tax.num_modalities == 10
     assert tax.organ_level_sizes == (1, 5, 12, 39, 112)
     assert tax.unknown_task == UNKNOWN_TASK == len(tax.tasks) == 111
-    raw = json.loads(DEFAULT_TAXONOMY.read_text())
+    raw = json.loads(DEFAULT_TAXONOMY.read_text(encoding="utf-8"))
     assert set(raw) >= {"version", "modalities", "body_parts", "subregions", "organs", "tasks", "targets"}
     assert CORRUPT not in {t["name"] for t in raw["targets"]}
     names = [t["name"] for t in raw["targets"]]
@@ -142,7 +142,7 @@ def test_fixture_contexts(tiny_parity_dir):
 
 
 def _raw():
-    return json.loads(DEFAULT_TAXONOMY.read_text())
+    return json.loads(DEFAULT_TAXONOMY.read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("breakage", ["gap", "duplicate", "wrong_ancestor", "task_without_target", "alias_clash",

@@ -58,12 +58,12 @@ def test_pretrain_one_epoch_on_real_slices(real_db, tmp_path):
     for name in ("model_latest.pth", "model_best.pth", "model_lowest.pth", "history.jsonl", "curves.png",
                  "run_info.json", "log.txt"):
         assert (out / name).exists(), name
-    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert history[0]["epoch"] == 1 and history[0]["samples"] == 64 and 0 <= history[0]["val_dsc"] <= 1
     assert any((out / "tensorboard").iterdir())
     ckpt = torch.load(out / "model_latest.pth", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["config"]["model_type"] == "vit_tiny"
-    assert json.loads((out / "run_info.json").read_text())["git"]
+    assert json.loads((out / "run_info.json").read_text(encoding="utf-8"))["git"]
 
 
 def test_ddp_two_processes_equal_one_process(real_db, tmp_path):
@@ -76,7 +76,7 @@ def test_ddp_two_processes_equal_one_process(real_db, tmp_path):
     for name in ("single", "ddp"):
         ckpt = torch.load(tmp_path / name / "model_latest.pth", map_location="cpu", weights_only=False)
         assert ckpt["step"] == 1
-    info = json.loads((tmp_path / "ddp" / "run_info.json").read_text())
+    info = json.loads((tmp_path / "ddp" / "run_info.json").read_text(encoding="utf-8"))
     assert info["world_size"] == 2
     single, ddp = _weights(tmp_path / "single" / "model_latest.pth"), _weights(tmp_path / "ddp" / "model_latest.pth")
     for key in single:
@@ -101,7 +101,7 @@ def test_finetune_data_ratios_summary(real_db, tmp_path):
           "--shift_type", "cross_task", "--num_epochs", "1", "--batch_size", "4", "--data_ratio", "0.5", "1.0",
           "--work_dir", str(tmp_path), "--task_name", "ft"])
     out = tmp_path / "ft" / "cross_task"
-    summary = (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text(encoding="utf-8")
     assert "US_FetalHead/HC18" in summary
     rows = [line for line in summary.splitlines() if line.startswith("| US_FetalHead")]
     assert len(rows) == 2  # one per data ratio

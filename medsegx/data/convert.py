@@ -225,7 +225,7 @@ def parse_labels_map(text: str | Mapping) -> dict[str, tuple[int, ...]]:
     elif str(text).endswith(".json"):
         path = Path(text)
         try:
-            items = [(str(k), str(v)) for k, v in json.loads(path.read_text()).items()]
+            items = [(str(k), str(v)) for k, v in json.loads(path.read_text(encoding="utf-8")).items()]
         except (OSError, json.JSONDecodeError, AttributeError) as err:
             raise ValueError(f"{path}: cannot read the label map ({err})") from err
     else:
@@ -729,7 +729,7 @@ def convert_case(image_path: str | Path, label_path: str | Path, cfg: ConvertCon
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ConversionError(f"{path}: unreadable metadata ({err})") from err
 
@@ -758,7 +758,7 @@ def update_meta(cfg: ConvertConfig, results: Iterable[CaseResult]) -> list[Path]
         meta["slices"] = slices
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(_dump_meta(meta))
+        tmp.write_text(_dump_meta(meta), encoding="utf-8")
         os.replace(tmp, path)
         written.append(path)
     return written

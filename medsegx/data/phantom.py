@@ -654,7 +654,7 @@ def make_phantom_db(root: str | Path, n_train_per_task: int = 8, n_eval_per_task
                 "slices_per_case": per_case, "realworld": realworld, "size": size,
                 "tasks": sorted(wanted) if wanted is not None else None, "slices": total}
     root.mkdir(parents=True, exist_ok=True)
-    (root / "phantom.json").write_text(json.dumps(manifest, indent=1))
+    (root / "phantom.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     logger.info("phantom MedSegDB: %d slices in %.1fs under %s", total, time.perf_counter() - start, root)
     return root
 
