@@ -37,18 +37,11 @@ from __future__ import annotations
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import CONFIGS as _ALL_CONFIGS  # noqa: E402
+from _common import Config, pin_threads_from_argv  # noqa: E402
 
-def _peek_threads(argv: list[str]) -> str:
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--threads="):
-            return arg.split("=", 1)[1]
-    return "1"
-
-
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = _peek_threads(sys.argv)  # before torch starts its thread pool
+pin_threads_from_argv()  # before torch starts its thread pool
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -57,7 +50,6 @@ import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -66,19 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medsegx.engine import train_one_epoch  # noqa: E402
 from medsegx.model.build import apply_freeze_policy, build_sam256, model_config  # noqa: E402
 
-
-@dataclass(frozen=True)
-class Config:
-    name: str
-    fast: bool
-    bf16: bool
-
-
-CONFIGS = {
-    "stock-fp32": Config("stock fp32", fast=False, bf16=False),
-    "fast-fp32": Config("fast fp32", fast=True, bf16=False),
-    "fast-bf16": Config("fast bf16", fast=True, bf16=True),
-}
+CONFIGS = {k: _ALL_CONFIGS[k] for k in ('stock-fp32', 'fast-fp32', 'fast-bf16')}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
