@@ -35,3 +35,22 @@ CONFIGS = {
     "fast-fp32": Config("fast fp32", fast=True, bf16=False),
     "fast-bf16": Config("fast bf16", fast=True, bf16=True),
 }
+
+
+def synthetic_batch(batch: int, seed: int = 0, device: str = "cpu") -> dict:
+    """A dataset-shaped batch (the keys the engine reads): random images, one elliptic target and its box."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    label = (((yy - 128) / 60) ** 2 + ((xx - 120) / 45) ** 2 < 1).to(torch.int64)
+    b = {
+        "image": torch.rand(batch, 3, 256, 256, generator=g) * 255,
+        "label": label[None, None].repeat(batch, 1, 1, 1),
+        "box": torch.tensor([[70.0, 64.0, 170.0, 192.0]]).repeat(batch, 1),
+        "modal": torch.randint(0, 10, (batch,), generator=g),
+        "organ": torch.tensor([[1, 4, 17, 59]]).repeat(batch, 1),
+        "name": [f"synthetic/{i}.npy" for i in range(batch)],
+        "index": torch.arange(batch),
+    }
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}

@@ -39,7 +39,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import CONFIGS as _ALL_CONFIGS  # noqa: E402
-from _common import Config, pin_threads_from_argv  # noqa: E402
+from _common import Config, pin_threads_from_argv, synthetic_batch  # noqa: E402
 
 pin_threads_from_argv()  # before torch starts its thread pool
 
@@ -97,19 +97,7 @@ def build(model_type: str) -> torch.nn.Module:
 
 
 def make_batch(batch: int, seed: int = 0) -> dict:
-    """A dataset-shaped batch (the keys train_one_epoch reads)."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
-    label = (((yy - 128) / 60) ** 2 + ((xx - 120) / 45) ** 2 < 1).to(torch.int64)
-    return {
-        "image": torch.rand(batch, 3, 256, 256, generator=g) * 255,
-        "label": label[None, None].repeat(batch, 1, 1, 1),
-        "box": torch.tensor([[70.0, 64.0, 170.0, 192.0]]).repeat(batch, 1),
-        "modal": torch.randint(0, 10, (batch,), generator=g),
-        "organ": torch.tensor([[1, 4, 17, 59]]).repeat(batch, 1),
-        "name": [f"bench/slice_{i}.npy" for i in range(batch)],
-        "index": torch.arange(batch),
-    }
+    return synthetic_batch(batch, seed)
 
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, batch: dict) -> None:

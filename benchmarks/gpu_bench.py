@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import _common  # benchmarks/ is the script folder, on sys.path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,18 +121,7 @@ def prepare(work: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
 
 
 def synthetic_batch(batch: int, device: torch.device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
-    label = (((yy - 128) / 60) ** 2 + ((xx - 120) / 45) ** 2 < 1).to(torch.int64)
-    b = {
-        "image": torch.rand(batch, 3, 256, 256, generator=g) * 255,
-        "label": label[None, None].repeat(batch, 1, 1, 1),
-        "box": torch.tensor([[70.0, 64.0, 170.0, 192.0]]).repeat(batch, 1),
-        "modal": torch.randint(0, 10, (batch,), generator=g),
-        "organ": torch.tensor([[1, 4, 17, 59]]).repeat(batch, 1),
-        "name": [f"synthetic/{i}.npy" for i in range(batch)],
-    }
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+    return _common.synthetic_batch(batch, 0, device)
 
 
 def sync(device: torch.device) -> None:

@@ -8,6 +8,7 @@ external evaluation only in the slices they walk.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -98,7 +99,7 @@ def train_one_epoch(
         for i, batch in enumerate(group):
             batch = _to_device(batch, device)
             last = i == len(group) - 1
-            sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else _null()
+            sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with sync:
                 with runtime.autocast(device, amp, amp_dtype):
                     out = _forward(model, batch)
@@ -127,14 +128,6 @@ def train_one_epoch(
     bar.close()
     loss_sum, n = runtime.all_reduce_sum([total_loss, total_n], device)
     return {"loss": loss_sum / max(n, 1), "samples": int(n), "steps": steps, "global_step": global_step}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- evaluation
