@@ -104,7 +104,8 @@ def train_parser(description: str, finetune: bool) -> argparse.ArgumentParser:
                        help="restrict to these Task/Dataset[/Sequence] sites")
     else:
         p.add_argument("--val_path", default=None,
-                       help="validation slices (default: <data_path>/eval/ID when present)")
+                       help="validation slices (default: <data_path>/eval/ID when present); 'none': no "
+                            "validation (no model_best.pth; evaluate model_latest.pth)")
         p.add_argument("--max_train_slices", type=int, default=None,
                        help="cap the training set (seeded subset; for smoke runs)")
     _runtime_group(p, batch_size=1024 if not finetune else 64)

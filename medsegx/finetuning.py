@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 def _score(args: argparse.Namespace, records: Any, weights: str | Path | None) -> dict[str, float]:
     """Mean DSC (oracle and honest IoU selection) of ``weights`` on ``records``."""
     info = runtime.dist_info()
-    model = make_model(args, info.device, weights)
+    model = make_model(args, info.device, weights, for_training=False)
     dataset = MedSegDataset(records, train=False, seed=args.seed, strict=args.strict)
     loader = make_eval_loader(dataset, args.val_batch_size or max(1, args.batch_size // info.world_size),
                               args.num_workers)

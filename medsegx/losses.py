@@ -7,18 +7,25 @@ three hypotheses), averaged over the batch.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 
-_dice = DiceLoss(sigmoid=True, squared_pred=True, reduction="none")
+
+@functools.cache
+def _dice_loss():
+    # MONAI is imported on first use: evaluation never needs it and its import costs seconds.
+    from monai.losses import DiceLoss
+
+    return DiceLoss(sigmoid=True, squared_pred=True, reduction="none")
 
 
 def per_output_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Dice + BCE of each output: logits ``B x K x H x W``, target ``B x 1 x H x W`` -> ``B x K``."""
     logits = logits.float()
     target = target.to(logits.dtype).expand_as(logits)
-    dice = _dice(logits, target).flatten(1)  # B x K
+    dice = _dice_loss()(logits, target).flatten(1)  # B x K
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(2, 3))
     return dice + bce
 

@@ -37,16 +37,20 @@ def batch_plan(global_batch: int, world_size: int, micro_batch: int | None) -> t
     return micro, accum
 
 
-def make_model(args: argparse.Namespace, device: torch.device, init_weights: str | Path | None = None) -> nn.Module:
+def make_model(args: argparse.Namespace, device: torch.device, init_weights: str | Path | None = None,
+               *, for_training: bool = True) -> nn.Module:
+    """The run's model on ``device``; ``for_training=False`` (scoring only) skips the trainable-parameter
+    check, a forward and backward pass that only training (DDP) needs."""
     model = build_model(args.model_type, checkpoint=args.checkpoint, model_weight=init_weights,
                         fast=not args.no_fast, train_iou_head=args.iou_loss_weight > 0, **model_hparams(args))
-    unused = check_all_trainable_used(model)
-    if unused:  # DDP would hang or fail on them; say which
-        raise RuntimeError(f"trainable parameters without gradient: {unused[:10]}")
-    counts = count_parameters(model)
-    logger.info("model %s: %s trainable of %s parameters (%s)", args.model_type, f"{counts['trainable']:,}",
-                f"{counts['total']:,}", ", ".join(f"{k} {v:,}" for k, v in counts.items()
-                                                   if k not in ("trainable", "total", "frozen")))
+    if for_training:
+        unused = check_all_trainable_used(model)
+        if unused:  # DDP would hang or fail on them; say which
+            raise RuntimeError(f"trainable parameters without gradient: {unused[:10]}")
+        counts = count_parameters(model)
+        logger.info("model %s: %s trainable of %s parameters (%s)", args.model_type, f"{counts['trainable']:,}",
+                    f"{counts['total']:,}", ", ".join(f"{k} {v:,}" for k, v in counts.items()
+                                                       if k not in ("trainable", "total", "frozen")))
     model.to(device)
     if getattr(args, "prefix_cache", False) and hasattr(model, "enable_prefix_cache"):
         model.enable_prefix_cache()

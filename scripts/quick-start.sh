@@ -58,9 +58,10 @@ $PY evaluate_external.py --model_type lite --data_path $DB/eval/OOD --shift_type
     --output_dir $ZERO --batch_size 8 "${COMMON[@]}"
 
 echo "[quick-start] 2/3 pre-training ConMoAE on $DB/train (CPU, ${QUICKSTART_EPOCHS:-4} epochs)"
-$PY pretrain.py --model_type lite --data_path $DB/train --val_path $DB/eval/ID --num_epochs "${QUICKSTART_EPOCHS:-4}" \
+# No validation: eval/ID is the test set, so it must not pick the checkpoint; the last epoch's weights are scored.
+$PY pretrain.py --model_type lite --data_path $DB/train --val_path none --num_epochs "${QUICKSTART_EPOCHS:-4}" \
     --batch_size 8 --lr 1e-3 --prefix_cache --work_dir $WORK --task_name lite-conmoae "${COMMON[@]}"
-WEIGHT=$WORK/lite-conmoae/model_best.pth
+WEIGHT=$WORK/lite-conmoae/model_latest.pth
 
 echo "[quick-start] 3/3 evaluating the trained model on ID and OOD"
 $PY evaluate_internal.py --model_type lite --model_weight $WEIGHT --data_path $DB/eval/ID --batch_size 8 \

@@ -66,6 +66,17 @@ def test_pretrain_one_epoch_on_real_slices(real_db, tmp_path):
     assert json.loads((out / "run_info.json").read_text(encoding="utf-8"))["git"]
 
 
+def test_pretrain_without_validation(real_db, tmp_path):
+    """--val_path none: eval/ID beside train/ is NOT used; no model_best.pth, the last epoch's weights stand."""
+    _run([sys.executable, "pretrain.py", *TINY, "--data_path", str(real_db / "train"), "--val_path", "none",
+          "--num_epochs", "1", "--max_steps", "2", "--batch_size", "8", "--work_dir", str(tmp_path),
+          "--task_name", "run"])
+    out = tmp_path / "run"
+    assert (out / "model_latest.pth").exists() and not (out / "model_best.pth").exists()
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert history[0]["steps"] == 2 and "val_dsc" not in history[0]
+
+
 def test_ddp_two_processes_equal_one_process(real_db, tmp_path):
     common = [*TINY, "--data_path", str(real_db / "train"), "--val_path", str(real_db / "eval" / "ID"),
               "--num_epochs", "1", "--max_steps", "1", "--batch_size", "4", "--adapter_dropout", "0",
