@@ -17,6 +17,7 @@ import torch
 from segment_anything.modeling import PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from .conmoae import AdapterSpec
 from .sam256 import KeepResMaskDecoder, MedSegX, MedSegXImageEncoder
 
 logger = logging.getLogger(__name__)
@@ -60,17 +61,17 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def adapter_kwargs(self) -> dict:
-        """The ConMoAE and context-table arguments every backbone's encoder takes."""
-        return {
-            "adapter_bottleneck": self.adapter_bottleneck,
-            "adapter_embed_dim": self.adapter_embed_dim,
-            "num_experts": self.num_experts,
-            "num_modalities": self.num_modalities,
-            "level_sizes": tuple(self.level_sizes),
-            "adapter_dropout": self.adapter_dropout,
-            "adapter_scale": self.adapter_scale,
-        }
+    def adapter_spec(self) -> AdapterSpec:
+        """The ConMoAE and context-table hyper-parameters every backbone's encoder takes."""
+        return AdapterSpec(
+            bottleneck_dim=self.adapter_bottleneck,
+            embed_dim=self.adapter_embed_dim,
+            num_experts=self.num_experts,
+            num_modalities=self.num_modalities,
+            level_sizes=tuple(self.level_sizes),
+            dropout=self.adapter_dropout,
+            scale=self.adapter_scale,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -136,7 +137,7 @@ def build_sam256(cfg: ModelConfig, fast: bool = True) -> MedSegX:
         out_chans=cfg.prompt_embed_dim,
         adapted_blocks=cfg.adapted_blocks,
         fast=fast,
-        **cfg.adapter_kwargs(),
+        adapters=cfg.adapter_spec(),
     )
     prompt_encoder = PromptEncoder(
         embed_dim=cfg.prompt_embed_dim,

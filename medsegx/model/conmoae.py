@@ -152,3 +152,29 @@ class ConMoAE(nn.Module):
         """Returns (block MLP output with adapters, expert gates ``B x E``)."""
         gate = self.gate(x, ctx)
         return self.mlp(x) + self.scale * self.experts(x, gate), gate
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The ConMoAE and context-table hyper-parameters, the same for every backbone.
+
+    Defaults are the paper's: E=4 experts, bottleneck 16, embedding dim D=16,
+    the published table sizes (10 modalities; root, 5 body parts, 12
+    subregions, 39 organs, 112 tasks).
+    """
+
+    bottleneck_dim: int = 16
+    embed_dim: int = 16
+    num_experts: int = 4
+    num_modalities: int = 10
+    level_sizes: tuple[int, ...] = (1, 5, 12, 39, 112)
+    dropout: float = 0.1
+    scale: float = 0.1
+
+    def context_tables(self) -> ContextEmbedding:
+        return ContextEmbedding(self.embed_dim, self.num_modalities, tuple(self.level_sizes))
+
+    def adapter(self, mlp: nn.Module, dim: int, cls: type[ConMoAE] = ConMoAE) -> ConMoAE:
+        """``cls`` (ConMoAE or a subclass) around a block's MLP of width ``dim``."""
+        return cls(mlp, dim, bottleneck_dim=self.bottleneck_dim, embed_dim=self.embed_dim,
+                   num_experts=self.num_experts, dropout=self.dropout, scale=self.scale)

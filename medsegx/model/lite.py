@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .build import ModelConfig, apply_freeze_policy
-from .conmoae import AdapterContext, ConMoAE, ContextEmbedding, embed_context
+from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
 from .sam256 import MedSegXOutput
 
 with warnings.catch_warnings():
@@ -201,13 +201,7 @@ class LiteImageEncoder(nn.Module):
         tinyvit: TinyViT,
         *,
         adapted_blocks: Sequence[int],
-        adapter_bottleneck: int = 16,
-        adapter_embed_dim: int = 16,
-        num_experts: int = 4,
-        num_modalities: int = 10,
-        level_sizes: tuple[int, ...] = (1, 5, 12, 39, 112),
-        adapter_dropout: float = 0.1,
-        adapter_scale: float = 0.1,
+        adapters: AdapterSpec = AdapterSpec(),
         fast: bool = True,
     ) -> None:
         super().__init__()
@@ -215,7 +209,7 @@ class LiteImageEncoder(nn.Module):
         self.layers = tinyvit.layers
         self.neck = tinyvit.neck
         self.img_size = tinyvit.img_size
-        tables = ContextEmbedding(adapter_embed_dim, num_modalities, level_sizes)
+        tables = adapters.context_tables()
         self.modal_embed = tables.modal_embed
         self.organ_embed = tables.organ_embed
 
@@ -237,15 +231,7 @@ class LiteImageEncoder(nn.Module):
         self.adapters: list[TinyViTConMoAE] = []
         for i in self.adapted_blocks:
             blk = self.blocks[i]
-            blk.mlp = TinyViTConMoAE(
-                blk.mlp,
-                blk.dim,
-                bottleneck_dim=adapter_bottleneck,
-                embed_dim=adapter_embed_dim,
-                num_experts=num_experts,
-                dropout=adapter_dropout,
-                scale=adapter_scale,
-            )
+            blk.mlp = adapters.adapter(blk.mlp, blk.dim, cls=TinyViTConMoAE)
             self.adapters.append(blk.mlp)
         # Steps before the first adapted block depend on the image only (frozen, no randomness).
         self.prefix_len = self._steps.index(self.blocks[self.adapted_blocks[0]]) if self.adapted_blocks else len(self._steps)
@@ -546,7 +532,7 @@ def build_lite(cfg: ModelConfig | None = None, fast: bool = True, weights: str |
         base.image_encoder,
         adapted_blocks=adapted,
         fast=fast,
-        **cfg.adapter_kwargs(),
+        adapters=cfg.adapter_spec(),
     )
     model = LiteMedSegX(encoder, base.prompt_encoder, base.mask_decoder)
     model.config = cfg

@@ -23,7 +23,7 @@ from segment_anything.modeling.image_encoder import Block, window_partition, win
 from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
-from .conmoae import AdapterContext, ConMoAE, ContextEmbedding, embed_context
+from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
 
 
 class MedSegXOutput(NamedTuple):
@@ -40,35 +40,21 @@ class MedSegXImageEncoder(ImageEncoderViT):
     def __init__(
         self,
         *,
-        adapter_bottleneck: int = 16,
-        adapter_embed_dim: int = 16,
-        num_experts: int = 4,
         adapted_blocks: Sequence[int] | None = None,
-        num_modalities: int = 10,
-        level_sizes: tuple[int, ...] = (1, 5, 12, 39, 112),
-        adapter_dropout: float = 0.1,
-        adapter_scale: float = 0.1,
+        adapters: AdapterSpec = AdapterSpec(),
         fast: bool = True,
         **vit_kwargs,
     ) -> None:
         super().__init__(**vit_kwargs)
         embed_dim = vit_kwargs.get("embed_dim", 768)
-        tables = ContextEmbedding(adapter_embed_dim, num_modalities, level_sizes)
+        tables = adapters.context_tables()
         # Registered directly on the encoder: the published keys are image_encoder.modal_embed / organ_embed.*
         self.modal_embed = tables.modal_embed
         self.organ_embed = tables.organ_embed
         self.adapted_blocks = tuple(range(len(self.blocks)) if adapted_blocks is None else sorted(adapted_blocks))
         for i in self.adapted_blocks:
             block = self.blocks[i]
-            block.mlp = ConMoAE(
-                block.mlp,
-                embed_dim,
-                bottleneck_dim=adapter_bottleneck,
-                embed_dim=adapter_embed_dim,
-                num_experts=num_experts,
-                dropout=adapter_dropout,
-                scale=adapter_scale,
-            )
+            block.mlp = adapters.adapter(block.mlp, embed_dim)
         self.fast = fast
 
     def set_fast(self, fast: bool) -> None:
