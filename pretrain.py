@@ -25,11 +25,12 @@ def main(args) -> None:
     train = open_catalog(args.data_path, splits=["train"], strict=args.strict, refresh=args.refresh_index)
     if args.max_train_slices and len(train) > args.max_train_slices:
         train = train.subset(args.max_train_slices / len(train), seed=args.seed)
-    val_path = None if str(args.val_path).lower() == "none" else args.val_path
     if args.val_path is None:  # MedSegDB/eval/ID beside the train/ folder, when present
         root = Path(args.data_path)
         candidates = [root / "eval" / "ID", root.parent / "eval" / "ID"]
         val_path = next((c for c in candidates if c.is_dir()), None)
+    else:
+        val_path = None if args.val_path.lower() == "none" else args.val_path
     val = open_catalog(val_path, strict=args.strict, refresh=args.refresh_index) if val_path else None
     resume = init = None
     if args.resume:
