@@ -21,15 +21,15 @@ rm -rf $OUT/zero-shot $OUT/pretrain $OUT/finetune
 $PY evaluate_internal.py "${COMMON[@]}" --data_path $DB/eval/ID --output_dir $OUT/zero-shot --batch_size 8
 $PY evaluate_external.py "${COMMON[@]}" --data_path $DB/eval/OOD --shift_type cross_task --output_dir $OUT/zero-shot \
     --batch_size 8
-start=$(date +%s)
+train_start=$(date +%s)
 $PY pretrain.py "${COMMON[@]}" --data_path $DB/train --val_path none --num_epochs ${EPOCHS:-12} \
     --batch_size 8 --lr ${LR:-1e-3} --prefix_cache --work_dir $OUT --task_name pretrain
-echo "[reproduce] pre-training: $(( $(date +%s) - start )) s"
+echo "[reproduce] pre-training: $(( $(date +%s) - train_start )) s"
 $PY evaluate_internal.py "${COMMON[@]}" --model_weight $OUT/pretrain/model_latest.pth --data_path $DB/eval/ID \
     --batch_size 8
 $PY evaluate_external.py "${COMMON[@]}" --model_weight $OUT/pretrain/model_latest.pth --data_path $DB/eval/OOD \
     --shift_type cross_task --batch_size 8
-echo "[reproduce] pre-training and evaluation: $(( $(date +%s) - start )) s"
+echo "[reproduce] pre-training and evaluation: $(( $(date +%s) - train_start )) s"
 $PY finetune.py "${COMMON[@]}" --data_path $DB/eval/OOD --shift_type cross_task --validation val \
     --resume $OUT/pretrain/model_latest.pth --data_ratio 0.5 1.0 --num_epochs ${FT_EPOCHS:-8} --batch_size 4 \
     --lr 1e-4 --prefix_cache --work_dir $OUT --task_name finetune
