@@ -1,10 +1,11 @@
 # Sourced by the launchers (run from the repository root): the Python to run the scripts with.
-# $PYTHON if set, else the project's virtual environment ($MEDSEGX_VENV, default .venv, as made by
+# $MEDSEGX_PYTHON if set, else the project's virtual environment ($MEDSEGX_VENV, default .venv, as made by
 # setup-env.sh) when it exists, else python3 from PATH (an environment you activated yourself).
-if [ -z "${PYTHON:-}" ]; then
+# (Not $PYTHON: setup-env.sh reads that as the base interpreter the venv is created from.)
+if [ -z "${MEDSEGX_PYTHON:-}" ]; then
     if [ -x "${MEDSEGX_VENV:-.venv}/bin/python" ]; then
-        PYTHON=${MEDSEGX_VENV:-.venv}/bin/python
+        MEDSEGX_PYTHON=${MEDSEGX_VENV:-.venv}/bin/python
     else
-        PYTHON=python3
+        MEDSEGX_PYTHON=python3
     fi
 fi

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_python.sh
-"$PYTHON" finetune.py --checkpoint ./playground/SAM --model_type vit_b --data_path ./playground/MedSegDB/eval/OOD \
+"$MEDSEGX_PYTHON" finetune.py --checkpoint ./playground/SAM --model_type vit_b --data_path ./playground/MedSegDB/eval/OOD \
     --shift_type cross_site --device_ids ${DEVICE_IDS:-0} --num_epochs 30 --batch_size 64 --validation val \
     --resume ./playground/MedSegX/medsegx_vit_b.pth --lr 5e-5 --use_amp "$@"

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_python.sh
-"$PYTHON" -m torch.distributed.run --nnodes "${NNODES:-2}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "${GPUS_PER_NODE:-8}" \
+"$MEDSEGX_PYTHON" -m torch.distributed.run --nnodes "${NNODES:-2}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "${GPUS_PER_NODE:-8}" \
     --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}" \
     pretrain.py --checkpoint ./playground/SAM --model_type vit_b --data_path ./playground/MedSegDB \
     --num_epochs 30 --batch_size ${BATCH_SIZE:-1024} --lr ${LR:-1e-3} --use_amp "$@"

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_python.sh
-"$PYTHON" pretrain.py --checkpoint ./playground/SAM --model_type vit_b --data_path ./playground/MedSegDB \
+"$MEDSEGX_PYTHON" pretrain.py --checkpoint ./playground/SAM --model_type vit_b --data_path ./playground/MedSegDB \
     --device_ids ${DEVICE_IDS:-0 1 2 3 4 5 6 7} --num_epochs 30 --batch_size ${BATCH_SIZE:-1024} --lr ${LR:-1e-3} \
     --use_amp "$@"

@@ -29,8 +29,8 @@ def test_bash_syntax(script):
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_launcher_runs_its_script_with_the_given_python(launcher):
-    # PYTHON names the interpreter (CI's venv is not .venv); the launcher must pass flags through.
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    # MEDSEGX_PYTHON names the interpreter (CI's venv is not .venv); the launcher must pass flags through.
+    env = dict(os.environ, MEDSEGX_PYTHON=sys.executable, OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(REPO / "scripts" / launcher), "--help"], capture_output=True, text=True,
                           cwd="/", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
