@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${MEDSEGX_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating virtual environment $VENV"
-    "$MEDSEGX_PYTHON" -m venv "$VENV"
+    "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.medsegx-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
