@@ -8,15 +8,13 @@
 Every site and data ratio is its own run from the pre-trained weights, in
 <work_dir>/<task_name>/<shift_type>/<Task>/<Dataset>[/<Sequence>]/ratio_<r>/; the summary of
 zero-shot vs fine-tuned DSC per site and ratio is written to <work_dir>/<task_name>/<shift_type>/summary.md|csv.
+An interrupted fine-tuning continues with --continue (finished runs are kept).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from medsegx import runtime
 from medsegx.args import train_parser
-from medsegx.data.catalog import open_catalog
-from medsegx.finetuning import finetune_sites
+from medsegx.finetuning import run_finetuning
 
 
 def get_args_parser():
@@ -24,11 +22,7 @@ def get_args_parser():
 
 
 def main(args) -> None:
-    output_dir = Path(args.work_dir) / args.task_name / args.shift_type
-    runtime.setup(args, output_dir)
-    catalog = open_catalog(args.data_path, args.shift_type, strict=args.strict, refresh=args.refresh_index)
-    finetune_sites(args, catalog, output_dir)
-    runtime.cleanup_distributed()
+    run_finetuning(args)
 
 
 if __name__ == "__main__":

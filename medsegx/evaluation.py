@@ -15,10 +15,12 @@ import torch
 
 from . import reports, runtime
 from .args import model_hparams
-from .data.catalog import open_catalog
+from .data.catalog import open_catalog, problem_summary
 from .data.convert import slice_spacing
 from .data.dataset import MedSegDataset
 from .engine import evaluate, make_eval_loader
+from .errors import UserError
+from .fileio import ensure_writable_dir
 from .model import build_model
 
 logger = logging.getLogger(__name__)
@@ -53,8 +55,10 @@ def run_evaluation(args: argparse.Namespace, external: bool) -> list[dict[str, A
     if external:
         catalog = catalog.select(subset="inference")
     if not len(catalog):
-        raise SystemExit(f"no slices to evaluate under {args.data_path}"
-                         + (f" ({shift_type}, inference/)" if external else ""))
+        raise UserError(f"no usable slice to evaluate under {args.data_path}"
+                        + (f" ({shift_type}, inference/)" if external else "") + problem_summary(catalog))
+    if runtime.is_main_process():
+        ensure_writable_dir(out_dir, "report folder")  # before the work, not after it
 
     model = build_model(args.model_type, checkpoint=args.checkpoint, model_weight=args.model_weight, fast=not args.no_fast, **model_hparams(args))
     model.to(info.device).eval()
@@ -76,7 +80,6 @@ def run_evaluation(args: argparse.Namespace, external: bool) -> list[dict[str, A
                        desc=stem)
     if runtime.is_main_process():
         slices = [to_slice_result(r, catalog[r["index"]]) for r in results]
-        paths = reports.write_report(slices, out_dir, stem, title, layout=sub, gallery=gallery)
         notes = []
         if baseline_note:
             notes.append(baseline_note)
@@ -87,9 +90,7 @@ def run_evaluation(args: argparse.Namespace, external: bool) -> list[dict[str, A
             from .data.catalog import describe_problems
 
             notes.append(f"Bad files skipped while indexing ({len(problems)}):\n\n" + describe_problems(problems, 20))
-        if notes:
-            with paths["details"].open("a", encoding="utf-8") as f:
-                f.write("\n## Notes\n\n" + "\n\n".join(notes) + "\n")
+        paths = reports.write_report(slices, out_dir, stem, title, layout=sub, gallery=gallery, notes=notes)
         logger.info("reports: %s", ", ".join(str(p) for p in paths.values()))
     runtime.cleanup_distributed()
     return results

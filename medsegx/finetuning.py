@@ -3,14 +3,23 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from . import runtime
+from .checkpointer import LATEST, RunFolderError, RunLock, holds_run
+from .data.catalog import open_catalog, problem_summary
 from .data.dataset import MedSegDataset
 from .engine import evaluate, make_eval_loader, mean_dsc
+from .errors import UserError
+from .fileio import atomic_write_set, atomic_write_text, ensure_writable_dir
+from .model.checkpoint import torch_load
 from .training import make_model, train_run
+
+RESULT = "result.json"  # a finished (site, ratio) run's scores
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +37,21 @@ def _score(args: argparse.Namespace, records: Any, weights: str | Path | None) -
     return {"dsc": mean_dsc(results), "dsc_iou": mean_dsc(results, "dsc_iou"), "n": len(results)}
 
 
-def finetune_sites(args: argparse.Namespace, catalog: Any, output_dir: Path) -> list[dict[str, Any]]:
-    """Fine-tune every site of ``catalog`` at every ``args.data_ratio``; write and return the summary."""
+def plan_sites(args: argparse.Namespace, catalog: Any) -> list[dict[str, Any]]:
+    """Every site to fine-tune with its slices (training pool, validation, test), checked before any work."""
     finetune_all = catalog.select(subset="finetune")
-    sites = [folder.group_key for folder in finetune_all.folders]
-    sites = list(dict.fromkeys(sites))
+    sites = list(dict.fromkeys(folder.group_key for folder in finetune_all.folders))
     if args.sites:
-        sites = [s for s in sites if "/".join(s) in set(args.sites)]
+        wanted = set(args.sites)
+        unknown = wanted - {"/".join(s) for s in sites}
+        if unknown:
+            raise UserError(f"--sites {' '.join(sorted(unknown))}: no such site under {args.data_path} "
+                            f"({args.shift_type}); sites: {', '.join('/'.join(s) for s in sites) or 'none'}")
+        sites = [s for s in sites if "/".join(s) in wanted]
     if not sites:
-        raise SystemExit(f"no fine-tuning site (a finetune/ folder) found under {args.data_path} "
-                         f"for {args.shift_type}")
-    rows: list[dict[str, Any]] = []
+        raise UserError(f"no fine-tuning site (a finetune/ folder with usable slices) under {args.data_path} "
+                        f"for {args.shift_type}{problem_summary(catalog)}")
+    plans = []
     for key in sites:
         site = "/".join(key)
         ft = finetune_all.select(where=lambda f, key=key: f.group_key == key)
@@ -50,34 +63,88 @@ def finetune_sites(args: argparse.Namespace, catalog: Any, output_dir: Path) -> 
         if not len(test):
             logger.warning("%s has no inference/ slices: it is scored on its validation split", site)
             test = val
-        zero = _score(args, test, args.resume)
-        logger.info("%s zero-shot DSC %.4f on %d slices", site, zero["dsc"], zero["n"])
-        for ratio in args.data_ratio:
-            train = train_pool.subset(ratio, seed=args.seed)
-            run_dir = output_dir.joinpath(*key) / f"ratio_{ratio:g}"
-            logger.info("%s ratio %g: %d training slices, %d validation", site, ratio, len(train), len(val))
-            train_run(args, train, val, run_dir, init_weights=args.resume)
-            best = run_dir / "model_best.pth"
-            if not best.exists():
-                best = run_dir / "model_latest.pth"
-            tuned = _score(args, test, best)
-            rows.append({"site": site, "ratio": ratio, "train_slices": len(train), "test_slices": tuned["n"],
-                         "zero_shot_dsc": zero["dsc"], "finetuned_dsc": tuned["dsc"],
-                         "zero_shot_dsc_iou": zero["dsc_iou"], "finetuned_dsc_iou": tuned["dsc_iou"],
-                         "checkpoint": str(best)})
-            logger.info("%s ratio %g: zero-shot %.4f -> fine-tuned %.4f", site, ratio, zero["dsc"], tuned["dsc"])
-    if runtime.is_main_process():
-        write_summary(rows, output_dir, args)
+        if not len(test):
+            raise UserError(f"{site}: no slice to score the fine-tuned model on (neither inference/ nor a "
+                            "validation split: the site has a single case)")
+        plans.append({"key": key, "site": site, "train_pool": train_pool, "val": val, "test": test})
+    return plans
+
+
+def _previous_results(output_dir: Path) -> list[str]:
+    found = [name for name in ("summary.md", "summary.csv") if (output_dir / name).exists()]
+    found += sorted(str(p.relative_to(output_dir)) for p in output_dir.glob("**/ratio_*") if holds_run(p))
+    return found
+
+
+def run_finetuning(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """finetune.py: fine-tune every site of --data_path at every --data_ratio, from --resume's weights.
+
+    Each (site, ratio) is its own run folder, ``<work_dir>/<task_name>/<shift_type>/<Task>/<Dataset>
+    [/<Sequence>]/ratio_<r>/``, scored on the site's inference/ slices with the checkpoint that run
+    chose; ``--continue`` keeps finished runs (their ``result.json``) and resumes the interrupted one.
+    """
+    output_dir = Path(args.work_dir) / args.task_name / args.shift_type
+    info = runtime.setup(args, None)
+    catalog = open_catalog(args.data_path, args.shift_type, strict=args.strict, refresh=args.refresh_index)
+    plans = plan_sites(args, catalog)
+    init = torch_load(args.resume) if args.resume else None  # read once, used by every site and ratio
+    lock = RunLock(output_dir)
+    if info.is_main:
+        ensure_writable_dir(output_dir, "fine-tuning output folder")
+        lock.acquire()
+    try:
+        if info.is_main and not args.resume_run and not args.overwrite:
+            previous = _previous_results(output_dir)
+            if previous:
+                raise RunFolderError(f"{output_dir} already holds fine-tuning results ({', '.join(previous[:4])}); "
+                                     "continue them with --continue or replace them with --overwrite")
+        runtime.barrier()
+        runtime.add_log_file(output_dir)
+        runtime.write_run_info(args, output_dir)
+        rows = [row for plan in plans for row in _finetune_site(args, plan, init, output_dir)]
+        if info.is_main:
+            write_summary(rows, output_dir, args)
+    finally:
+        lock.release()
+    runtime.cleanup_distributed()
+    return rows
+
+
+def _finetune_site(args: argparse.Namespace, plan: dict[str, Any], init: Any, output_dir: Path) -> list[dict]:
+    site, test, val = plan["site"], plan["test"], plan["val"]
+    zero = _score(args, test, init)
+    logger.info("%s zero-shot DSC %.4f on %d slices", site, zero["dsc"], zero["n"])
+    rows = []
+    for ratio in args.data_ratio:
+        run_dir = output_dir.joinpath(*plan["key"]) / f"ratio_{ratio:g}"
+        result_file = run_dir / RESULT
+        if args.resume_run and result_file.is_file():
+            rows.append(json.loads(result_file.read_text(encoding="utf-8")))
+            logger.info("%s ratio %g: finished earlier, kept (%s)", site, ratio, result_file)
+            continue
+        resume = run_dir / LATEST if args.resume_run and (run_dir / LATEST).is_file() else None
+        train = plan["train_pool"].subset(ratio, seed=args.seed)
+        logger.info("%s ratio %g: %d training slices, %d validation%s", site, ratio, len(train), len(val),
+                    f"; resuming {resume}" if resume else "")
+        result = train_run(args, train, val, run_dir, init_weights=init, resume=resume)
+        chosen = result["files"]["best"] or result["files"]["latest"]
+        tuned = _score(args, test, chosen)
+        row = {"site": site, "ratio": ratio, "train_slices": len(train), "test_slices": tuned["n"],
+               "zero_shot_dsc": zero["dsc"], "finetuned_dsc": tuned["dsc"],
+               "zero_shot_dsc_iou": zero["dsc_iou"], "finetuned_dsc_iou": tuned["dsc_iou"],
+               "checkpoint": str(chosen)}
+        if runtime.is_main_process():
+            atomic_write_text(result_file, json.dumps(row, indent=1) + "\n")
+        rows.append(row)
+        logger.info("%s ratio %g: zero-shot %.4f -> fine-tuned %.4f", site, ratio, zero["dsc"], tuned["dsc"])
     return rows
 
 
 def write_summary(rows: list[dict[str, Any]], output_dir: Path, args: argparse.Namespace) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0])
-    with (output_dir / "summary.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
     lines = [f"# fine-tuning summary ({args.shift_type}, {args.model_type})", "",
              f"Test split: inference/; validation: {args.validation}; oracle selection (the paper's); "
              "in brackets the honest IoU-head selection.", "",
@@ -88,8 +155,8 @@ def write_summary(rows: list[dict[str, Any]], output_dir: Path, args: argparse.N
                      f"{r['zero_shot_dsc']:.4f} ({r['zero_shot_dsc_iou']:.4f}) | "
                      f"{r['finetuned_dsc']:.4f} ({r['finetuned_dsc_iou']:.4f}) | "
                      f"{r['finetuned_dsc'] - r['zero_shot_dsc']:+.4f} |")
-    (output_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_set({output_dir / "summary.csv": buf.getvalue(), output_dir / "summary.md": "\n".join(lines) + "\n"})
     logger.info("summary: %s", output_dir / "summary.md")
 
 
-__all__ = ["finetune_sites", "write_summary"]
+__all__ = ["plan_sites", "run_finetuning", "write_summary"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import re
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .fileio import atomic_write, atomic_write_set
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +184,7 @@ def write_published(results: Sequence[SliceResult], out_dir: str | Path, stem: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md, cs = out / f"{stem}.md", out / f"{stem}.csv"
-    md.write_text(format_summary_md(results, title, float32), encoding="utf-8")
-    cs.write_text(format_slices_csv(results, float32), encoding="utf-8")
+    atomic_write_set({md: format_summary_md(results, title, float32), cs: format_slices_csv(results, float32)})
     return md, cs
 
 
@@ -235,9 +237,9 @@ def _stats(values: Iterable[float | None]) -> tuple[int, float, float]:
     return int(a.size), float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def _ms(values: Iterable[float | None], digits: int = 4) -> str:
+def _ms(values: Iterable[float | None], digits: int = 4, missing: str = "-") -> str:
     n, m, s = _stats(values)
-    return "-" if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}"
+    return missing if n == 0 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def case_dsc(results: Sequence[SliceResult]) -> list[dict[str, Any]]:
@@ -283,7 +285,8 @@ def format_details_md(results: Sequence[SliceResult], title: str, layout: str = 
     lines.append(f"Slices scored: {len(scored)}; skipped: {len(skipped)}. Published numbers (DSC, HD) use the "
                  "oracle choice (the output with the best DSC against the label); DSC (iou) and DSC (first) "
                  "choose without the label, so oracle - iou is the selection gap. HD is HD95 in pixels of the "
-                 "scored grid; HD95 mm uses the slice spacing where known. Means ignore NaN; NaN counts are "
+                 "scored grid; HD95 mm uses the slice spacing where it is known (n/a: no physical spacing, e.g. "
+                 "2-D pictures). Means ignore NaN; NaN counts are "
                  "listed below.")
     lines.append("")
 
@@ -294,7 +297,7 @@ def format_details_md(results: Sequence[SliceResult], title: str, layout: str = 
         gap = f"{d[1] - iou[1]:+.4f}" if iou[0] and d[0] else "-"
         return (f"| {label} | {n} | {_ms(r.dsc for r in rs)} | {_ms(r.dsc_iou for r in rs)} | "
                 f"{_ms(r.dsc_first for r in rs)} | {gap} | {_ms((r.hd for r in rs), 2)} | "
-                f"{_ms((r.hd95_mm for r in rs), 2)} | {_ms(r.nsd for r in rs)} | {len(cs)} | "
+                f"{_ms((r.hd95_mm for r in rs), 2, missing='n/a')} | {_ms(r.nsd for r in rs)} | {len(cs)} | "
                 f"{_ms(c['dsc'] for c in cs)} |")
 
     header = ("| {} | N | DSC | DSC (iou) | DSC (first) | oracle - iou | HD95 px | HD95 mm | NSD | cases | "
@@ -350,9 +353,9 @@ def format_cases_csv(results: Sequence[SliceResult]) -> str:
 
 # ----------------------------------------------------------------------------- figures
 
-def plot_dsc_boxplot(results: Sequence[SliceResult], path: str | Path, layout: str = "internal",
-                     title: str = "") -> Path:
-    """PNG box plot of slice DSC per task."""
+def plot_dsc_boxplot(results: Sequence[SliceResult], path: str | Path | None, layout: str = "internal",
+                     title: str = "") -> Path | Any:
+    """PNG box plot of slice DSC per task, written to ``path`` (None: the PNG writer, see :mod:`medsegx.fileio`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -371,9 +374,7 @@ def plot_dsc_boxplot(results: Sequence[SliceResult], path: str | Path, layout: s
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or "DSC per task (N slices)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _finish_figure(fig, path, dpi=100)
 
 
 def _display_image(image: np.ndarray) -> np.ndarray:
@@ -386,7 +387,7 @@ def _display_image(image: np.ndarray) -> np.ndarray:
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 
-def plot_gallery(samples: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def plot_gallery(samples: Sequence[dict[str, Any]], path: str | Path | None) -> Path | Any:
     """PNG gallery, one row per sample: image, label overlay, prediction overlay.
 
     Each sample: ``{"title": str, "image": H x W [x 3] or 3 x H x W, "label": H x W, "pred": H x W}``
@@ -417,29 +418,71 @@ def plot_gallery(samples: Sequence[dict[str, Any]], path: str | Path) -> Path:
                     ax.contour(label, levels=[0.5], colors=["lime"], linewidths=0.8)
             ax.set_title(f"{s.get('title', '')}\n{name}" if col == 0 else name, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    return _finish_figure(fig, path, dpi=80)
+
+
+def _finish_figure(fig: Any, path: str | Path | None, **savefig_kwargs: Any) -> Path | Any:
+    """Write ``fig`` atomically to ``path``; with ``path=None``, render it now and return a PNG writer."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kwargs)
     plt.close(fig)
-    return Path(path)
+    data = buf.getvalue()
+    write = lambda handle: handle.write(data)  # noqa: E731
+    if path is None:
+        return write
+    return atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- everything
 
 def write_report(results: Sequence[SliceResult], out_dir: str | Path, stem: str, title: str,
                  layout: str = "internal", gallery: Sequence[dict[str, Any]] | None = None,
-                 float32: bool = True) -> dict[str, Path]:
-    """Published ``<stem>.md|csv`` plus ``<stem>_details.md``, ``<stem>_cases.csv``,
-    ``<stem>_dsc_boxplot.png`` and, given samples, ``<stem>_worst.png`` -> paths by kind."""
+                 float32: bool = True, notes: Sequence[str] = ()) -> dict[str, Path]:
+    """Published ``<stem>.md|csv`` plus ``<stem>_details.md`` (with ``notes`` at its end),
+    ``<stem>_cases.csv``, ``<stem>_dsc_boxplot.png`` and, given samples, ``<stem>_worst.png`` -> paths
+    by kind. The files are written as one set: all or none replace the previous report."""
     out = Path(out_dir)
-    md, cs = write_published(results, out, stem, title, float32)
-    paths = {"md": md, "csv": cs}
-    paths["details"] = out / f"{stem}_details.md"
-    paths["details"].write_text(format_details_md(results, title, layout), encoding="utf-8")
-    paths["cases"] = out / f"{stem}_cases.csv"
-    paths["cases"].write_text(format_cases_csv(results), encoding="utf-8")
-    paths["boxplot"] = plot_dsc_boxplot(results, out / f"{stem}_dsc_boxplot.png", layout, title)
+    details = format_details_md(results, title, layout)
+    if notes:
+        details += "\n## Notes\n\n" + "\n\n".join(notes) + "\n"
+    paths = {"md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "details": out / f"{stem}_details.md",
+             "cases": out / f"{stem}_cases.csv", "boxplot": out / f"{stem}_dsc_boxplot.png"}
+    contents: dict[Path, Any] = {
+        paths["md"]: format_summary_md(results, title, float32),
+        paths["csv"]: format_slices_csv(results, float32),
+        paths["details"]: details,
+        paths["cases"]: format_cases_csv(results),
+        paths["boxplot"]: plot_dsc_boxplot(results, None, layout, title),
+    }
     if gallery:
-        paths["gallery"] = plot_gallery(gallery, out / f"{stem}_worst.png")
+        paths["gallery"] = out / f"{stem}_worst.png"
+        contents[paths["gallery"]] = plot_gallery(gallery, None)
+    atomic_write_set(contents)
     skipped = sum(1 for r in results if r.skipped is not None)
     if skipped:
         logger.warning("%s: %d slice(s) skipped (listed in %s)", stem, skipped, paths["details"].name)
     return paths
+
+
+def plot_history(history_path: Path, out_png: Path) -> None:
+    """Loss and validation DSC curves of a run (``history.jsonl``), as PNG."""
+    if not history_path.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].plot(epochs, [r["loss"] for r in rows], marker="o")
+    axes[0].set(xlabel="epoch", ylabel="training loss (Dice+BCE)", title="loss")
+    val = [(r["epoch"], r["val_dsc"]) for r in rows if "val_dsc" in r]
+    if val:
+        axes[1].plot(*zip(*val), marker="o", color="tab:green")
+    axes[1].set(xlabel="epoch", ylabel="validation DSC", title="validation DSC")
+    fig.tight_layout()
+    _finish_figure(fig, out_png, dpi=100)

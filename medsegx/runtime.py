@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import EXIT_USER_ERROR, user_errors
+
 logger = logging.getLogger("medsegx")
 
 
@@ -80,23 +82,34 @@ def available_gpus(device_ids: Sequence[int] | None) -> list[int]:
 
 
 def launch(worker: Callable[[Any], Any], args: Any) -> Any:
-    """Run ``worker(args)`` in the right process layout (see module docstring)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return worker(args)  # torchrun started us
-    gpus = available_gpus(getattr(args, "device_ids", None))
-    if len(gpus) > 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        torch.multiprocessing.spawn(_spawned, args=(worker, args, gpus), nprocs=len(gpus), join=True)
-        return None
-    args._gpus = gpus
-    return worker(args)
+    """Run ``worker(args)`` in the right process layout (see module docstring).
+
+    User errors (:class:`~medsegx.errors.UserError`, missing files, a full disk) end the run with
+    one ``error: ...`` line and exit status 2, in every process layout.
+    """
+    with user_errors(args):
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            return worker(args)  # torchrun started us
+        gpus = available_gpus(getattr(args, "device_ids", None))
+        if len(gpus) > 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            try:
+                torch.multiprocessing.spawn(_spawned, args=(worker, args, gpus), nprocs=len(gpus), join=True)
+            except torch.multiprocessing.ProcessExitedException as err:
+                if err.exit_code == EXIT_USER_ERROR:  # the worker printed its error line
+                    raise SystemExit(EXIT_USER_ERROR) from None
+                raise
+            return None
+        args._gpus = gpus
+        return worker(args)
 
 
 def _spawned(index: int, worker: Callable[[Any], Any], args: Any, gpus: list[int]) -> None:
     os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(len(gpus)))
     args._gpus = gpus
-    worker(args)
+    with user_errors(args):
+        worker(args)
 
 
 def init_distributed(args: Any) -> DistInfo:
@@ -190,12 +203,38 @@ def _tuplify(x: Any) -> Any:
 def setup_logging(output_dir: Path | None = None, rank: int = 0) -> None:
     """Rank 0 logs INFO to the console (and a file in the output folder); other ranks only warnings."""
     level = logging.INFO if rank == 0 else logging.WARNING
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if output_dir is not None and rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(output_dir / "log.txt"))
-    logging.basicConfig(level=level, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S",
-                        handlers=handlers, force=True)
+    for handler in _LOG_FILES.values():
+        handler.close()
+    _LOG_FILES.clear()
+    logging.basicConfig(level=level, format=_LOG_FORMAT, datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], force=True)
+    if output_dir is not None:
+        add_log_file(output_dir)
+
+
+_LOG_FORMAT = "[%(asctime)s %(name)s] %(message)s"
+_LOG_FILES: dict[Path, logging.Handler] = {}
+
+
+def add_log_file(folder: Path) -> None:
+    """Also log to ``folder/log.txt`` (rank 0; appended, so a resumed run continues it)."""
+    if not is_main_process():
+        return
+    path = (Path(folder) / "log.txt").resolve()
+    if path in _LOG_FILES:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    _LOG_FILES[path] = handler
+
+
+def remove_log_file(folder: Path) -> None:
+    handler = _LOG_FILES.pop((Path(folder) / "log.txt").resolve(), None)
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def git_revision() -> str:
@@ -210,15 +249,16 @@ def git_revision() -> str:
         return "unknown"
 
 
-def write_run_info(args: Any, output_dir: Path) -> None:
-    """The resolved arguments and the git revision beside the outputs (rank 0)."""
+def write_run_info(args: Any, output_dir: Path, **extra: Any) -> None:
+    """The resolved arguments and the git revision beside the outputs (rank 0, atomically)."""
     if not is_main_process():
         return
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
-    info = {"args": resolved, "git": git_revision(), "argv": sys.argv, "torch": torch.__version__,
-            "world_size": _DIST.world_size, "device": str(_DIST.device)}
-    (output_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+    from .engine import plain_args
+    from .fileio import atomic_write_text
+
+    info = {"args": plain_args(args), "git": git_revision(), "argv": sys.argv, "torch": torch.__version__,
+            "world_size": _DIST.world_size, "device": str(_DIST.device), **extra}
+    atomic_write_text(Path(output_dir) / "run_info.json", json.dumps(info, indent=2, default=str))
 
 
 def setup(args: Any, output_dir: Path | None) -> DistInfo:

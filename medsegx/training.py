@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import runtime
 from .args import model_hparams
+from .checkpointer import LATEST, Checkpointer, is_training_state
+from .data.catalog import open_catalog, problem_summary
 from .data.dataset import MedSegDataset
 from .engine import FitConfig, fit, make_eval_loader, make_train_loader, restore_training_state
+from .errors import UserError
 from .model import build_model, check_all_trainable_used, count_parameters
 from .model.checkpoint import torch_load
 
@@ -37,7 +41,8 @@ def batch_plan(global_batch: int, world_size: int, micro_batch: int | None) -> t
     return micro, accum
 
 
-def make_model(args: argparse.Namespace, device: torch.device, init_weights: str | Path | None = None,
+def make_model(args: argparse.Namespace, device: torch.device,
+               init_weights: str | Path | Mapping[str, Any] | None = None,
                *, for_training: bool = True) -> nn.Module:
     """The run's model on ``device``; ``for_training=False`` (scoring only) skips the trainable-parameter
     check, a forward and backward pass that only training (DDP) needs."""
@@ -64,47 +69,105 @@ def train_run(
     train_data: Any,
     val_data: Any | None,
     output_dir: Path,
-    init_weights: str | Path | None = None,
+    init_weights: str | Path | Mapping[str, Any] | None = None,
     resume: str | Path | None = None,
+    resume_state: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train on ``train_data`` records (validating on ``val_data``) into ``output_dir``.
+    """Train on ``train_data`` records (validating on ``val_data``) into the run folder ``output_dir``.
 
-    ``init_weights``: MedSegX weights to start from. ``resume``: one of our
-    checkpoints to continue exactly (model, optimiser, scaler, epoch, step, RNG).
+    ``init_weights``: MedSegX weights to start from (a file or a loaded checkpoint). ``resume``:
+    one of our checkpoints to continue exactly (model, optimiser, scaler, epoch, step, position in
+    the epoch, RNG); ``resume_state``: that file already loaded. The run folder is locked for the run's lifetime and a fresh run refuses to
+    replace another run's files unless ``args.overwrite`` (see :class:`~medsegx.checkpointer.Checkpointer`).
+    Returns fit's result plus ``files``: the checkpoints this run wrote, by kind.
     """
     info = runtime.dist_info()
     device = info.device
+    if not len(train_data):
+        raise UserError(f"no training slice for {output_dir}")
     micro, accum = batch_plan(args.batch_size, info.world_size, args.micro_batch_size)
-    logger.info("global batch %d = %d process(es) x %d accumulation step(s) x %d", args.batch_size,
-                info.world_size, accum, micro)
-    model = make_model(args, device, init_weights)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    use_scaler = args.use_amp and device.type == "cuda" and runtime.resolve_amp_dtype(device, args.amp_dtype) == torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    start_epoch, step, best = 0, 0, None
-    if resume is not None:
-        ckpt = restore_training_state(Path(resume), model, optimizer, scaler)
-        start_epoch, step, best = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0)), ckpt.get("best")
-    if info.distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    checkpointer = Checkpointer(output_dir, is_main=info.is_main, overwrite=getattr(args, "overwrite", False),
+                                resume=resume, resume_state=resume_state)
+    with checkpointer:
+        state = checkpointer.start()
+        runtime.barrier()
+        runtime.write_run_info(args, output_dir, resumed_from=str(resume) if resume else None)
+        runtime.add_log_file(output_dir)
+        logger.info("global batch %d = %d process(es) x %d accumulation step(s) x %d", args.batch_size,
+                    info.world_size, accum, micro)
+        # a resumed run rebuilds the model its checkpoint describes
+        model = make_model(args, device, state if state is not None else init_weights)
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = args.lr if args.lr is not None else args._default_lr
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+        use_scaler = args.use_amp and device.type == "cuda" and \
+            runtime.resolve_amp_dtype(device, args.amp_dtype) == torch.float16
+        scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        if state is not None:
+            restore_training_state(state, model, optimizer, scaler, name=str(resume))
+            stored_lr = optimizer.param_groups[0]["lr"]
+            if args.lr is not None and args.lr != stored_lr:
+                logger.warning("--lr %g replaces the checkpoint's lr %g from step %s on: the run is no longer the "
+                               "uninterrupted one", args.lr, stored_lr, state.get("step"))
+                for group in optimizer.param_groups:
+                    group["lr"] = args.lr
+        if info.distributed:
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_set = MedSegDataset(train_data, train=True, seed=args.seed, strict=args.strict)
-    train_loader = make_train_loader(train_set, micro, args.num_workers, args.seed)
-    val_loader = None
-    if val_data is not None and len(val_data):
-        val_set = MedSegDataset(val_data, train=False, seed=args.seed, strict=args.strict)
-        val_loader = make_eval_loader(val_set, args.val_batch_size or micro, args.num_workers)
-    cfg = FitConfig(num_epochs=args.num_epochs, output_dir=output_dir, accum_steps=accum, amp=args.use_amp,
-                    amp_dtype=args.amp_dtype, iou_loss_weight=args.iou_loss_weight, save_every=args.save_every,
-                    save_epochs=args.save_epochs, val_every=args.val_every, max_steps=args.max_steps)
-    logger.info("training on %d slices, validating on %d, epochs %d..%d", len(train_set),
-                len(val_loader.dataset) if val_loader else 0, start_epoch + 1, args.num_epochs)
-    return fit(model, optimizer, train_loader, cfg, val_loader=val_loader, scaler=scaler,
-               start_epoch=start_epoch, global_step=step, best=best, args=args)
+        train_set = MedSegDataset(train_data, train=True, seed=args.seed, strict=args.strict)
+        train_loader = make_train_loader(train_set, micro, args.num_workers, args.seed)
+        val_loader = None
+        if val_data is not None and len(val_data):
+            val_set = MedSegDataset(val_data, train=False, seed=args.seed, strict=args.strict)
+            val_loader = make_eval_loader(val_set, args.val_batch_size or micro, args.num_workers)
+        cfg = FitConfig(num_epochs=args.num_epochs, output_dir=output_dir, accum_steps=accum, amp=args.use_amp,
+                        amp_dtype=args.amp_dtype, iou_loss_weight=args.iou_loss_weight,
+                        save_every=args.save_every, save_epochs=args.save_epochs, val_every=args.val_every,
+                        max_steps=args.max_steps)
+        start_epoch = int(state.get("epoch", 0)) if state else 0
+        logger.info("training on %d slices, validating on %d, epochs %d..%d", len(train_set),
+                    len(val_loader.dataset) if val_loader else 0, start_epoch + 1, args.num_epochs)
+        result = fit(model, optimizer, train_loader, cfg, checkpointer, val_loader=val_loader, scaler=scaler,
+                     resume=state, args=args)
+        result["files"] = {kind: checkpointer.path(kind) for kind in ("latest", "best", "lowest")}
+    return result
 
 
-def is_training_state(path: str | Path) -> bool:
-    """A file we wrote mid-run (it can be resumed exactly), as opposed to weights to start from."""
-    ckpt = torch_load(path)
-    return isinstance(ckpt, dict) and "rng" in ckpt and ckpt.get("optimizer") is not None
+def run_pretraining(args: argparse.Namespace) -> dict[str, Any]:
+    """pretrain.py: MedSegDB's train/ split (validated on eval/ID beside it, or --val_path) into
+    <work_dir>/<task_name>, from scratch, from MedSegX weights, or continuing a run."""
+    output_dir = Path(args.work_dir) / args.task_name
+    runtime.setup(args, None)
+    train = open_catalog(args.data_path, splits=["train"], strict=args.strict, refresh=args.refresh_index)
+    if not len(train):
+        raise UserError(f"no usable training slice under {args.data_path}{problem_summary(train)}")
+    if args.max_train_slices and len(train) > args.max_train_slices:
+        train = train.subset(args.max_train_slices / len(train), seed=args.seed)
+    val_path = resolve_val_path(args.data_path, args.val_path)
+    val = open_catalog(val_path, strict=args.strict, refresh=args.refresh_index) if val_path else None
+    if val is not None and not len(val):
+        raise UserError(f"no usable validation slice under {val_path}{problem_summary(val)} "
+                        "(--val_path none trains without validation)")
+    resume, state = None, None
+    if args.resume_run:
+        latest = output_dir / LATEST
+        resume = latest if latest.is_file() else None
+        logger.info("--continue: %s", f"resuming {latest}" if resume else f"no {LATEST} yet, starting fresh")
+    elif args.resume:
+        state = torch_load(args.resume)
+        if is_training_state(state):
+            resume = args.resume
+    init = state if resume is None else None
+    result = train_run(args, train, val, output_dir, init_weights=init, resume=resume,
+                       resume_state=state if resume is not None else None)
+    runtime.cleanup_distributed()
+    return result
+
+
+def resolve_val_path(data_path: str | Path, val_path: str | None) -> Path | None:
+    """--val_path: 'none' -> no validation; given -> that folder; default -> eval/ID beside train/."""
+    if val_path is not None:
+        return None if val_path.lower() == "none" else Path(val_path)
+    root = Path(data_path)
+    return next((c for c in (root / "eval" / "ID", root.parent / "eval" / "ID") if c.is_dir()), None)
+

@@ -36,3 +36,10 @@ def real_db() -> Path:
 @pytest.fixture(scope="session")
 def taxonomy_official() -> Path:
     return shared_path("reference", "taxonomy_official.json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _index_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The slice-index cache of the whole session in a temporary folder (never the user's ~/.cache),
+    for this process and the scripts the tests start."""
+    os.environ["MEDSEGX_CACHE_DIR"] = str(tmp_path_factory.mktemp("index-cache"))

@@ -13,7 +13,6 @@ import medsegx.data.catalog as catalog_module
 from medsegx.data.catalog import (
     BAD_IMAGE,
     EMPTY_MASK,
-    INDEX_FILE,
     LAYOUT,
     MISSING_IMAGE,
     MISSING_MASK,
@@ -91,7 +90,7 @@ def test_shared_trees_index_every_slice(which, request, tmp_path):
         assert (record.modal, *record.organ) == EXPECTED[record.task_folder], record.name
         assert record.image_path.is_file() and record.mask_path.is_file()
         assert record.image_path.name == record.mask_path.name
-    assert not list(Path(root).rglob(INDEX_FILE))  # shared data is read-only: nothing written there
+    assert not list(Path(root).rglob(".medsegx*"))  # nothing is ever written into a data tree
 
 
 def test_example_names_splits_and_groups(example_db, tmp_path):
@@ -235,7 +234,7 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     monkeypatch.setattr(catalog_module, "_scan_leaf", counting_scan)
     first = open_catalog(root)
     assert len(first) == 6 and sorted(scanned) == ["DS/CT_Liver", "DS/CT_Spleen"]
-    assert (root / INDEX_FILE).is_file()  # beside the data when the folder is writable
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "npy_" not in str(p.parent)) == []
 
     scanned.clear()
     assert [r.name for r in open_catalog(root)] == [r.name for r in first]
@@ -282,29 +281,49 @@ def test_partial_walk_keeps_the_rest_of_the_cache(tmp_path, monkeypatch):
     assert len(open_catalog(root)) == 3 and scanned == []
 
 
-def test_read_only_data_uses_user_cache(tmp_path, monkeypatch):
-    root = tmp_path / "ro" / "train"
+def test_index_lives_in_the_user_cache_never_in_the_data(tmp_path, monkeypatch):
+    root = tmp_path / "data" / "train"
     write_pair(root / "DS" / "CT_Liver", "a.npy")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
     user_cache = tmp_path / "user-cache"
     monkeypatch.setenv("MEDSEGX_CACHE_DIR", str(user_cache))
-    os.chmod(root, 0o555)
-    try:
-        open_catalog(root)
-        assert not (root / INDEX_FILE).exists()
-        assert len(list(user_cache.glob("*.npz"))) == 1
-        scanned = []
-        real_scan = catalog_module._scan_leaf
-        monkeypatch.setattr(catalog_module, "_scan_leaf", lambda *a: scanned.append(a[1]) or real_scan(*a))
-        assert len(open_catalog(root)) == 1 and scanned == []
-    finally:
-        os.chmod(root, 0o755)
+    open_catalog(root)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # the data tree is untouched
+    assert len(list(user_cache.glob("*.npz"))) == 1
+    scanned = []
+    real_scan = catalog_module._scan_leaf
+    monkeypatch.setattr(catalog_module, "_scan_leaf", lambda *a: scanned.append(a[1]) or real_scan(*a))
+    assert len(open_catalog(root)) == 1 and scanned == []
 
 
-def test_broken_cache_is_rebuilt(tmp_path):
+def test_cache_never_answers_for_a_changed_tree_at_the_same_path(tmp_path, monkeypatch):
+    """A reused temporary path: same folders and file names, other contents (the pytest tmp reuse bug)."""
+    monkeypatch.setenv("MEDSEGX_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "reused" / "train"
+    write_pair(root / "DS" / "CT_Liver", "a.npy")
+    write_pair(root / "DS" / "CT_Liver", "b.npy")
+    assert len(open_catalog(root)) == 2
+    shutil.rmtree(tmp_path / "reused")
+    write_pair(root / "DS" / "CT_Liver", "a.npy")
+    write_pair(root / "DS" / "CT_Liver", "b.npy", mask=np.zeros((16, 16), dtype=np.uint8))  # now empty
+    catalog = open_catalog(root)
+    assert [r.name for r in catalog] == ["DS/CT_Liver/a.npy"]
+    assert problem_counts(catalog.problems) == {EMPTY_MASK: 1}
+    # a file rewritten in place (its folder's time unchanged) is checked again too
+    mask_dir = root / "DS" / "CT_Liver" / "npy_gts"
+    folder_time = os.stat(mask_dir).st_mtime_ns
+    np.save(mask_dir / "a.npy", np.zeros((16, 16), dtype=np.uint8))
+    os.utime(mask_dir, ns=(folder_time, folder_time))
+    assert len(open_catalog(root)) == 0
+
+
+def test_broken_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSEGX_CACHE_DIR", str(tmp_path / "cache"))
     root = tmp_path / "train"
     write_pair(root / "DS" / "CT_Liver", "a.npy")
     open_catalog(root)
-    (root / INDEX_FILE).write_bytes(b"garbage")
+    (cache,) = (tmp_path / "cache").glob("*.npz")
+    cache.write_bytes(b"garbage")
     assert len(open_catalog(root)) == 1
 
 

@@ -291,3 +291,103 @@ def test_images_and_labels_in_one_folder(tmp_path):
     pairs, missing = cv.pair_inputs(tmp_path, tmp_path)
     assert not missing
     assert [(i.name, lab.name) for i, lab in pairs] == [("a.nii.gz", "a_seg.nii.gz"), ("b.nii.gz", "b_seg.nii.gz")]
+
+
+# --------------------------------------------------------------------------- damaged and misleading input
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".mha", ".nrrd"])
+@pytest.mark.parametrize("keep", [0.5, 0.9])
+def test_truncated_volume_is_refused(tmp_path, ext, keep):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    _write_case(images, labels, "cut", image_ext=ext)
+    _write_case(images, labels, "whole", image_ext=ext)
+    path = images / f"cut{ext}"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(cv.ConversionError, match=r"cut.*truncated"):
+        cv.read_image(path)
+    summary = cv.convert_dataset(images, labels, _cfg(tmp_path / "train"))
+    assert summary.converted == ["whole"]
+    assert "truncated" in dict(summary.skipped)[str(path)]
+    with pytest.raises(cv.ConversionError, match="truncated"):
+        cv.convert_dataset(images, labels, _cfg(tmp_path / "train2"), strict=True)
+
+
+def test_compressed_nrrd_truncated_is_refused(tmp_path):
+    image, _ = _ct_arrays()
+    path = tmp_path / "ct.nrrd"
+    sitk.WriteImage(_to_image(image), str(path), useCompression=True)
+    assert cv.read_image(path).GetSize() == (SHAPE_ZYX[2], SHAPE_ZYX[1], SHAPE_ZYX[0])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])
+    with pytest.raises(cv.ConversionError, match="truncated"):
+        cv.read_image(path)
+
+
+def test_png_has_no_millimetres(tmp_path):
+    from medsegx import reports
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    rgb = np.full((60, 80, 3), 120, dtype=np.uint8)
+    mask = np.zeros((60, 80), dtype=np.uint8)
+    mask[10:40, 20:50] = 255
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "img" / "p1.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / "lab" / "p1.png"))
+    out = tmp_path / "train"
+    cv.convert_dataset(tmp_path / "img", tmp_path / "lab", _cfg(out, modality="Dermoscopy", labels_map={"Skin": (1,)}))
+    folder = out / "MyHospital" / "Dermoscopy_Skin"
+    case = cv.load_meta(folder)["cases"]["p1"]
+    assert case["kind"] == "image2d" and case["spacing_known"] is False
+    assert cv.slice_spacing(next((folder / "npy_imgs").iterdir())) is None
+    row = reports.SliceResult("MyHospital/Dermoscopy_Skin/casenum_p1_sliceid_0.npy", dsc=0.9, hd=3.0, hd95_mm=None)
+    details = reports.format_details_md([row], "t")
+    task_line = next(line for line in details.splitlines() if line.startswith("| Dermoscopy_Skin"))
+    assert "n/a" in task_line
+
+
+def _write_series(folder: Path, image: np.ndarray, series_uid: str, z_offset: float = 0.0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    vol = _to_image(image, direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    vol.SetOrigin((ORIGIN[0], ORIGIN[1], ORIGIN[2] + z_offset))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(vol.GetDepth()):
+        s = vol[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.3.4"), ("0020|000e", series_uid),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(k)),
+                           ("0020|0032", "\\".join(str(v) for v in vol.TransformIndexToPhysicalPoint((0, 0, k)))),
+                           ("0018|0050", str(SPACING[2]))):
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{series_uid[-3:]}_{k:03d}.dcm"))
+        writer.Execute(s)
+
+
+def test_dicom_folder_with_two_series(tmp_path):
+    image, label = _ct_arrays()
+    folder = tmp_path / "dicom" / "case03"
+    _write_series(folder, image, "1.2.3.4.100")                   # 6 slices: the one read
+    _write_series(folder, image[:4], "1.2.3.4.200", z_offset=100)  # 4 slices
+    (tmp_path / "labels").mkdir()
+    ident = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+    sitk.WriteImage(_to_image(label, direction=ident), str(tmp_path / "labels" / "case03.nrrd"))
+    summary = cv.convert_dataset(tmp_path / "dicom", tmp_path / "labels", _cfg(tmp_path / "train", labels_map={"Liver": (1,)}))
+    assert summary.converted == ["case03"]
+    case = cv.load_meta(tmp_path / "train" / "MyHospital" / "CT_Liver")["cases"]["case03"]
+    assert case["series_uid"] == "1.2.3.4.100" and case["other_series"] == {"1.2.3.4.200": 4}
+    # a label drawn on the other series: the error names both series
+    sitk.WriteImage(_to_image(label[:4], direction=ident), str(tmp_path / "labels" / "case03.nrrd"))
+    with pytest.raises(cv.ConversionError, match=r"1\.2\.3\.4\.100.*1\.2\.3\.4\.200 \(4 files\)"):
+        cv.convert_case(folder, tmp_path / "labels" / "case03.nrrd", _cfg(tmp_path / "t2", labels_map={"Liver": (1,)}))
+
+
+def test_orphan_label_is_reported(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    _write_case(images, labels, "a")
+    _write_case(images, labels, "b")
+    (images / "b.nii.gz").unlink()
+    summary = cv.convert_dataset(images, labels, _cfg(tmp_path / "train"))
+    assert summary.converted == ["a"]
+    reason = dict(summary.skipped)[str(labels / "b.nii.gz")]
+    assert "label without an image" in reason

@@ -113,7 +113,7 @@ def test_multilabel_masks_are_binarised_with_one_warning(tmp_path, caplog):
     assert len(warnings) == 1 and "2 of 2 masks" in warnings[0].getMessage()
     dataset = MedSegDataset(catalog)
     assert set(dataset[0]["label"].unique().tolist()) == {0, 1}
-    assert dataset[1]["box"].tolist() == [16, 16, 88, 88]  # (2,2)-(11,11) on 32 px, scaled by 8
+    assert dataset[1]["box"].tolist() == [16, 16, 95, 95]  # pixels 2..11 of 32 cover 16..95 of 256
     assert load_mask(folder / "npy_gts" / "a.npy").max() == 1
 
 
@@ -124,10 +124,10 @@ def test_resize_other_sizes(tmp_path):
     write_pair(folder, "a.npy", image, box_mask((height, width), (100, 60, 299, 179)))
     sample = MedSegDataset(open_catalog(tmp_path / "ID", use_cache=False))[0]
     assert sample["image"].shape == (3, 256, 256) and sample["label"].shape == (1, 256, 256)
-    assert torch.allclose(sample["box"], torch.tensor([100 * 0.5, 60 * 2 / 3, 299 * 0.5, 179 * 2 / 3]))
     assert set(sample["label"].unique().tolist()) == {0, 1}
     ys, xs = torch.nonzero(sample["label"][0], as_tuple=True)
     assert abs(int(xs.min()) - 50) <= 1 and abs(int(ys.max()) - 119) <= 1
+    assert sample["box"].tolist() == [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
     # Antialiased: the mean intensity is preserved closely, values stay in range.
     assert abs(float(sample["image"].mean()) - float(image.mean())) < 1.0
     assert 0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 255
@@ -269,3 +269,16 @@ def test_seeded_jitter_depends_on_seed_epoch_index_only(real_db, tmp_path):
         dataset.set_epoch(epoch)
         seen = {int(i): tuple(b.tolist()) for batch in loader for i, b in zip(batch["index"], batch["box"])}
         assert seen == boxes(5, epoch=epoch)
+
+
+@pytest.mark.parametrize("size, fg", [((1, 1), (0, 0, 0, 0)), ((64, 64), (10, 20, 40, 33)), ((37, 300), (5, 3, 290, 30)),
+                                      ((640, 480), (0, 0, 479, 639))])
+def test_box_covers_the_resized_label_exactly(tmp_path, size, fg):
+    """At any input size the box prompt is the tight box of the 256 label the prediction is scored against."""
+    folder = tmp_path / "ID" / "DS" / "CT_Liver"
+    write_pair(folder, "a.npy", np.zeros((*size, 3), dtype=np.uint8), box_mask(size, fg))
+    sample = MedSegDataset(open_catalog(tmp_path / "ID", use_cache=False))[0]
+    ys, xs = torch.nonzero(sample["label"][0], as_tuple=True)
+    assert sample["box"].tolist() == [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+    if size == (1, 1):
+        assert sample["box"].tolist() == [0, 0, 255, 255] and bool(sample["label"].all())

@@ -133,10 +133,12 @@ def test_load_errors_list_the_keys(tmp_path):
 
 
 def test_missing_sam_file_names_path_and_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"sam_vit_b_01ec64.pth.*dl.fbaipublicfiles.com"):
+    with pytest.raises(CheckpointError, match=r"sam_vit_b_01ec64.pth.*dl.fbaipublicfiles.com"):
         resolve_sam_checkpoint(tmp_path, "vit_b")
-    with pytest.raises(FileNotFoundError, match="--checkpoint is required for vit_b"):
-        build_model("vit_b")
+    with pytest.raises(CheckpointError, match=f"not found at {tmp_path}/sam_vit_b_01ec64.pth"):
+        build_model("vit_b", checkpoint=tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_model("vit_tiny", checkpoint=tmp_path / "missing.pth")
 
 
 @pytest.fixture(scope="module")

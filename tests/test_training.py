@@ -90,8 +90,12 @@ def test_ddp_two_processes_equal_one_process(real_db, tmp_path):
     info = json.loads((tmp_path / "ddp" / "run_info.json").read_text(encoding="utf-8"))
     assert info["world_size"] == 2
     single, ddp = _weights(tmp_path / "single" / "model_latest.pth"), _weights(tmp_path / "ddp" / "model_latest.pth")
-    for key in single:
-        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=0, msg=key)
+    # Adam's first step is lr * g / (|g| + eps): where |g| is near eps (1e-8) the last bits of the
+    # gradient, which differ between one batch of 4 and an all-reduced mean of two batches of 2, move
+    # the update by a few percent of lr. Every weight agrees within 2% of lr (2e-5), nearly all exactly.
+    diffs = torch.cat([(ddp[key] - single[key]).abs().flatten() for key in single])
+    assert float(diffs.max()) <= 0.02 * 1e-3, float(diffs.max())
+    assert float((diffs <= 1e-6).float().mean()) >= 0.99
 
 
 def test_resume_gives_the_uninterrupted_weights(real_db, tmp_path):

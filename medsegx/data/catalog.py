@@ -9,9 +9,11 @@ Layouts (``[Sequence]`` may be any number of folders, including none):
 :func:`open_catalog` accepts the MedSegDB root, ``eval``, one split root (``train``, ``eval/ID``,
 ``eval/OOD`` with a shift type, ``eval/OOD/cross_site``) or any folder inside one. Slices are checked
 cheaply while indexing (npy headers of images, full read of the small masks) and bad ones are
-skipped and counted (or raise with ``strict=True``). The result is cached per split root in
-``.medsegx_index.npz`` (or a user cache folder when the data folder is read-only) and only the
-``npy_imgs``/``npy_gts`` folders whose modification time changed are listed again.
+skipped and counted (or raise with ``strict=True``). The result is cached per split root in the
+user's cache folder (``$MEDSEGX_CACHE_DIR``, else ``$XDG_CACHE_HOME/medsegx/index`` or
+``~/.cache/medsegx/index``), never in the data tree. A cached leaf folder is reused only while its
+``npy_imgs``/``npy_gts`` listings, file sizes and modification times are unchanged; any other leaf
+is checked again.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from typing import overload
 import numpy as np
 
 from medsegx.data.taxonomy import Context, Taxonomy, TaxonomyError, load_taxonomy
+from medsegx.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +44,8 @@ MASKS_DIR = "npy_gts"
 SUBSETS = ("finetune", "inference")
 SHIFT_TYPES = ("cross_site", "cross_task")
 EXTERNAL_SPLITS = ("OOD", "RealWorld")
-INDEX_FILE = ".medsegx_index.npz"
 # Bump when the checks or the cached fields change: older caches are then rebuilt.
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
 # Problem kinds. Every one skips the slice (or the folder), or raises with strict=True.
 MISSING_MASK = "missing_mask"  # image without a mask of the same name
@@ -135,7 +137,7 @@ class _LeafEntry:
     """Index of one leaf folder, as cached: slice names (utf-8 blob + offsets) and its problems."""
 
     rel: str
-    sig: tuple[int, int]
+    sig: str
     blob: bytes
     offsets: np.ndarray  # (n+1,) int64, starting at 0
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # kind, file (rel), detail
@@ -234,15 +236,9 @@ def _parse_folder(rel: tuple[str, ...], layout: str) -> tuple[str, str, str | No
     return rel[1], rel[0], "/".join(rel[2:i] + rel[i + 1:]) or None, rel[i]
 
 
-def _walk_leaves(split_root: Path, within: tuple[str, ...]) -> list[tuple[str, tuple[int, int]]]:
-    """Leaf folders (rel path, (mtime_ns npy_imgs, mtime_ns npy_gts)), sorted; never lists a leaf."""
-    found: list[tuple[str, tuple[int, int]]] = []
-
-    def mtime(path: str) -> int:
-        try:
-            return os.stat(path).st_mtime_ns
-        except OSError:
-            return -1
+def _walk_leaves(split_root: Path, within: tuple[str, ...]) -> list[str]:
+    """Leaf folders (those holding npy_imgs/npy_gts) as paths relative to ``split_root``, sorted."""
+    found: list[str] = []
 
     def visit(rel: tuple[str, ...]) -> None:
         here = os.path.join(split_root, *rel)
@@ -252,13 +248,37 @@ def _walk_leaves(split_root: Path, within: tuple[str, ...]) -> list[tuple[str, t
             logger.warning("cannot list %s: %s", here, err)
             return
         if IMAGES_DIR in names or MASKS_DIR in names:
-            found.append(("/".join(rel), (mtime(os.path.join(here, IMAGES_DIR)),
-                                          mtime(os.path.join(here, MASKS_DIR)))))
+            found.append("/".join(rel))
         for name in sorted(names - {IMAGES_DIR, MASKS_DIR}):
             visit((*rel, name))
 
     visit(within)
     return found
+
+
+def _leaf_signature(split_root: Path, rel: str) -> str:
+    """A digest of a leaf's two listings with every file's size and modification time.
+
+    Any added, removed, renamed, rewritten or touched slice changes it (folder times alone miss a
+    file rewritten in place, and a reused temporary path can hold another tree of the same names).
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for sub in (IMAGES_DIR, MASKS_DIR):
+        folder = os.path.join(split_root, rel, sub)
+        try:
+            with os.scandir(folder) as it:
+                entries = []
+                for entry in it:
+                    try:
+                        st = entry.stat()
+                        entries.append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}")
+                    except OSError:
+                        entries.append(f"{entry.name}\0?")
+        except OSError:
+            entries = ["<unreadable>"]
+        digest.update(sub.encode())
+        digest.update("\n".join(sorted(entries)).encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +425,7 @@ def _list_npy(folder: str, label: str, problems: list[tuple[str, str, str]]) -> 
     return names
 
 
-def _scan_leaf(split_root: Path, rel: str, sig: tuple[int, int], pool: ThreadPoolExecutor | None) -> _LeafEntry:
+def _scan_leaf(split_root: Path, rel: str, sig: str, pool: ThreadPoolExecutor | None) -> _LeafEntry:
     base = os.path.join(split_root, rel)
     img_dir, gt_dir = os.path.join(base, IMAGES_DIR), os.path.join(base, MASKS_DIR)
     prefix = f"{rel}/" if rel else ""
@@ -447,62 +467,47 @@ def _user_cache_dir() -> Path:
     return Path(base) / "medsegx" / "index"
 
 
-def _writable(folder: Path) -> bool:
-    # A folder without write bits counts as read-only even for root (CI containers run as root
-    # over a read-only shared/): the data owner asked not to be written to.
-    try:
-        return bool(folder.stat().st_mode & 0o222) and os.access(folder, os.W_OK)
-    except OSError:
-        return False
-
-
-def _cache_paths(split_root: Path, cache_dir: str | Path | None) -> tuple[list[Path], list[Path]]:
-    """(files to read, in order; files to try writing, in order)."""
+def _cache_path(split_root: Path, cache_dir: str | Path | None) -> Path:
+    """The index cache of ``split_root``: in ``cache_dir`` or the user cache folder, keyed by the tree's path."""
     digest = hashlib.sha1(str(split_root).encode("utf-8")).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(split_root.parts[-3:]))
-    beside = split_root / INDEX_FILE
-    if cache_dir is not None:
-        user = Path(cache_dir) / f"{slug}-{digest}.npz"
-        return [user], [user]
-    user = _user_cache_dir() / f"{slug}-{digest}.npz"
-    if _writable(split_root):
-        return [beside, user], [beside, user]
-    return [user, beside], [user]
+    return Path(cache_dir if cache_dir is not None else _user_cache_dir()) / f"{slug}-{digest}.npz"
 
 
-def _load_cache(paths: list[Path]) -> dict[str, _LeafEntry]:
-    for path in paths:
-        if not path.is_file():
-            continue
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(z["meta"].tobytes().decode("utf-8"))
-                if meta.get("format") != INDEX_FORMAT:
-                    logger.info("index cache %s has format %s (want %d): rebuilding", path, meta.get("format"), INDEX_FORMAT)
-                    continue
-                blob = z["names_blob"].tobytes()
-                offsets = z["names_offsets"]
-        except Exception as err:  # noqa: BLE001 - a broken cache is rebuilt, never fatal
-            logger.warning("ignoring unreadable index cache %s: %s", path, err)
-            continue
-        entries = {}
-        for leaf in meta["leaves"]:
-            start, count = leaf["start"], leaf["count"]
-            lo, hi = int(offsets[start]), int(offsets[start + count])
-            entries[leaf["rel"]] = _LeafEntry(
-                leaf["rel"], tuple(leaf["sig"]), blob[lo:hi], offsets[start:start + count + 1] - lo,
-                [tuple(p) for p in leaf["problems"]], leaf["binarised"], leaf["label_max"],
-            )
-        return entries
-    return {}
+def _load_cache(path: Path) -> dict[str, _LeafEntry]:
+    """The cached leaf entries of ``path``; empty when absent, unreadable or of another format."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode("utf-8"))
+            if meta.get("format") != INDEX_FORMAT:
+                logger.info("index cache %s has format %s (want %d): rebuilding", path, meta.get("format"),
+                            INDEX_FORMAT)
+                return {}
+            blob = z["names_blob"].tobytes()
+            offsets = z["names_offsets"]
+    except Exception as err:  # noqa: BLE001 - a broken cache is rebuilt, never fatal
+        logger.warning("ignoring unreadable index cache %s: %s", path, err)
+        return {}
+    entries = {}
+    for leaf in meta["leaves"]:
+        start, count = leaf["start"], leaf["count"]
+        lo, hi = int(offsets[start]), int(offsets[start + count])
+        entries[leaf["rel"]] = _LeafEntry(
+            leaf["rel"], str(leaf["sig"]), blob[lo:hi], offsets[start:start + count + 1] - lo,
+            [tuple(p) for p in leaf["problems"]], leaf["binarised"], leaf["label_max"],
+        )
+    return entries
 
 
-def _save_cache(paths: list[Path], entries: Iterable[_LeafEntry]) -> Path | None:
+def _save_cache(path: Path, entries: Iterable[_LeafEntry]) -> Path | None:
+    """Write the index cache atomically (concurrent readers, e.g. other ranks, see old or new) -> path or None."""
     entries = sorted(entries, key=lambda e: e.rel)
     leaves, blobs, offset_parts = [], [], [np.zeros(1, dtype=np.int64)]
     start, byte_pos = 0, 0
     for e in entries:
-        leaves.append({"rel": e.rel, "sig": list(e.sig), "start": start, "count": e.count,
+        leaves.append({"rel": e.rel, "sig": e.sig, "start": start, "count": e.count,
                        "problems": [list(p) for p in e.problems], "binarised": e.binarised,
                        "label_max": e.label_max})
         blobs.append(e.blob)
@@ -515,47 +520,39 @@ def _save_cache(paths: list[Path], entries: Iterable[_LeafEntry]) -> Path | None
         "names_blob": np.frombuffer(b"".join(blobs), dtype=np.uint8),
         "names_offsets": np.concatenate(offset_parts),
     }
-    for path in paths:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)  # atomic: concurrent readers (other ranks) see old or new
-            return path
-        except OSError as err:
-            logger.info("cannot write index cache %s (%s)", path, err)
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-    logger.warning("index cache not written (tried %s); the tree will be listed again next time",
-                   ", ".join(map(str, paths)))
-    return None
+    try:
+        atomic_write(path, lambda handle: np.savez(handle, **arrays))
+        return path
+    except OSError as err:
+        logger.warning("index cache not written (%s: %s); the tree will be checked again next time", path, err)
+        return None
 
 
 def _index_split_root(root: SplitRoot, *, cache_dir: str | Path | None, use_cache: bool, refresh: bool,
                       pool: ThreadPoolExecutor | None) -> tuple[list[_LeafEntry], str]:
     """Leaf entries of ``root`` (only those under ``root.within``) and a note on cache use."""
-    current = _walk_leaves(root.path, root.within)
-    read_paths, write_paths = _cache_paths(root.path, cache_dir)
-    cached = _load_cache(read_paths) if use_cache else {}
+    leaves = _walk_leaves(root.path, root.within)
+    sign = lambda rel: _leaf_signature(root.path, rel)  # noqa: E731
+    signatures = list(pool.map(sign, leaves)) if pool is not None and len(leaves) > 1 else [sign(r) for r in leaves]
+    cache_path = _cache_path(root.path, cache_dir)
+    cached = _load_cache(cache_path) if use_cache else {}
     reusable = {} if refresh else cached
     entries, scanned = [], 0
-    for rel, sig in current:
+    for rel, sig in zip(leaves, signatures, strict=True):
         entry = reusable.get(rel)
         if entry is None or entry.sig != sig:
             entry = _scan_leaf(root.path, rel, sig, pool)
             scanned += 1
         entries.append(entry)
-    note = f"{len(current) - scanned} of {len(current)} folders from cache"
-    if use_cache and scanned:
+    note = f"{len(leaves) - scanned} of {len(leaves)} folders from cache"
+    stale = set(cached) - set(leaves) if not root.within else set()
+    if use_cache and (scanned or stale):
         merged: dict[str, _LeafEntry] = {}
         if root.within:  # a partial walk: keep the cached rest of the tree as it was
             prefix = "/".join(root.within)
             merged = {k: v for k, v in cached.items() if not (k == prefix or k.startswith(prefix + "/"))}
         merged.update({e.rel: e for e in entries})
-        written = _save_cache(write_paths, merged.values())
+        written = _save_cache(cache_path, merged.values())
         note += f", cache written to {written}" if written else ", cache not written"
     return entries, note
 
@@ -813,3 +810,13 @@ def describe_problems(problems: Sequence[IndexProblem], first: int = 3) -> str:
 def problem_counts(problems: Sequence[IndexProblem]) -> dict[str, int]:
     """Number of problems of each kind."""
     return dict(Counter(p.kind for p in problems))
+
+
+def problem_summary(catalog: Catalog) -> str:
+    """': N bad file(s) or folder(s) skipped (kind count, ...)' for an error message, or ''."""
+    problems = getattr(catalog, "problems", ())
+    if not problems:
+        return ""
+    counts = sorted(problem_counts(problems).items(), key=lambda kv: -kv[1])
+    listed = ", ".join(f"{kind} {n}" for kind, n in counts)
+    return f": {len(problems)} bad file(s) or folder(s) skipped ({listed}; the log lists them)"

@@ -81,6 +81,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..errors import UserError
+from .integrity import IncompleteFileError, check_complete
+
 logger = logging.getLogger(__name__)
 
 TARGET_SIZE = 256
@@ -135,7 +138,7 @@ AXES = ("axial", "coronal", "sagittal")
 _NAME_RE = re.compile(r"^[A-Za-z0-9-]+$")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A case that cannot be converted; the message names the offending file and the problem."""
 
 
@@ -378,8 +381,18 @@ def parse_slice_name(name: str) -> tuple[str, int]:
 # --------------------------------------------------------------------------- reading
 
 
+SERIES_UID_TAG = "0020|000e"  # DICOM SeriesInstanceUID, set on images read from a series folder
+OTHER_SERIES_KEY = "medsegx|other_series"  # "uid:files;..." of the series of that folder not read
+
+
 def read_image(path: str | Path) -> sitk.Image:
-    """A volume file, a 2-D image, or a DICOM series folder as a SimpleITK image."""
+    """A volume file, a 2-D image, or a DICOM series folder as a SimpleITK image.
+
+    A volume whose file holds less data than its header declares is refused (see
+    :mod:`medsegx.data.integrity`). Of a folder with several DICOM series
+    the one with the most files is read; its SeriesInstanceUID is kept in the image's metadata
+    (``SERIES_UID_TAG``) and the others in ``OTHER_SERIES_KEY``.
+    """
     path = Path(path)
     try:
         if path.is_dir():
@@ -392,15 +405,32 @@ def read_image(path: str | Path) -> sitk.Image:
             if len(series) > 1:
                 logger.warning("%s: %d DICOM series, using %s (%d files)", path, len(series), chosen, len(files[chosen]))
             reader.SetFileNames(files[chosen])
-            return reader.Execute()
+            image = reader.Execute()
+            image.SetMetaData(SERIES_UID_TAG, chosen)
+            others = [f"{sid}:{len(files[sid])}" for sid in series if sid != chosen]
+            if others:
+                image.SetMetaData(OTHER_SERIES_KEY, ";".join(others))
+            return image
         if not path.exists():
             raise ConversionError(f"{path}: file not found")
+        check_complete(path)
         return sitk.ReadImage(str(path))
     except ConversionError:
         raise
+    except IncompleteFileError as err:
+        raise ConversionError(str(err)) from None
     except RuntimeError as err:  # SimpleITK raises RuntimeError for unreadable files
         first = str(err).strip().splitlines()
         raise ConversionError(f"{path}: cannot read image ({first[-1] if first else err})") from err
+
+
+def series_info(image: sitk.Image) -> dict:
+    """The DICOM series an image was read from and the other series of its folder ({} for files)."""
+    if not image.HasMetaDataKey(SERIES_UID_TAG):
+        return {}
+    others = image.GetMetaData(OTHER_SERIES_KEY) if image.HasMetaDataKey(OTHER_SERIES_KEY) else ""
+    return {"series_uid": image.GetMetaData(SERIES_UID_TAG),
+            "other_series": {uid: int(n) for uid, n in (item.rsplit(":", 1) for item in others.split(";") if item)}}
 
 
 def _geometry(img: sitk.Image) -> dict:
@@ -629,7 +659,16 @@ def convert_case(image_path: str | Path, label_path: str | Path, cfg: ConvertCon
             raise ConversionError(f"label {label_path} does not match image {image_path}: "
                                   f"size {list(label.GetSize())} vs {list(image.GetSize())}")
     else:
-        check_geometry(image, label, image_path, label_path, cfg.geometry_tolerance)
+        try:
+            check_geometry(image, label, image_path, label_path, cfg.geometry_tolerance)
+        except ConversionError as err:
+            series = series_info(image)
+            if series.get("other_series"):
+                others = ", ".join(f"{uid} ({n} files)" for uid, n in series["other_series"].items())
+                raise ConversionError(f"{err}; {image_path} holds several DICOM series: {series['series_uid']} "
+                                      f"({image.GetSize()[2]} slices) was read, the label may belong to "
+                                      f"{others}: give each series its own folder") from None
+            raise
     image_arr = sitk.GetArrayFromImage(image)
     label_arr = _label_array(label, label_path, is_2d)
     geometry = _geometry(image)
@@ -716,6 +755,8 @@ def convert_case(image_path: str | Path, label_path: str | Path, cfg: ConvertCon
             "slice_shape": plane_shape, "slice_spacing": [float(v) for v in in_plane],
             "slice_thickness": float(thickness), "spacing_256": spacing_256,
             "split": split, "intensity": bounds, "slices": written,
+            # a 2-D picture (PNG, JPEG, ...) carries no physical pixel size: no millimetre metrics
+            "spacing_known": not is_2d, **series_info(image),
         }
         result.slices[task] = {
             slice_name(case, k): {"case": case, "sliceid": k, "split": split, "spacing_256": spacing_256}
@@ -799,12 +840,19 @@ def load_meta(path: str | Path) -> dict:
 
 
 def slice_spacing(slice_path: str | Path) -> tuple[float, float] | None:
-    """(row, col) millimetres per pixel of the 256 grid for a converted slice; None if unknown."""
+    """(row, col) millimetres per pixel of the 256 grid for a converted slice; None where unknown
+    (no meta.json, or a 2-D picture, which has no physical pixel size)."""
     meta_path = find_meta(slice_path)
     if meta_path is None:
         return None
-    entry = load_meta(meta_path).get("slices", {}).get(Path(slice_path).name)
-    return None if entry is None else (float(entry["spacing_256"][0]), float(entry["spacing_256"][1]))
+    meta = load_meta(meta_path)
+    entry = meta.get("slices", {}).get(Path(slice_path).name)
+    if entry is None:
+        return None
+    case = meta.get("cases", {}).get(entry.get("case"), {})
+    if not case.get("spacing_known", case.get("kind") != "image2d"):
+        return None
+    return float(entry["spacing_256"][0]), float(entry["spacing_256"][1])
 
 
 # --------------------------------------------------------------------------- write-back
@@ -909,8 +957,8 @@ def pair_inputs(images: str | Path, labels: str | Path) -> tuple[list[tuple[Path
     """Pair every image of ``images`` (folder or glob) with its label in folder ``labels``.
 
     Images and labels may share a folder (``case.nii.gz`` + ``case_seg.nii.gz``): files that are
-    the label of another image are not taken as images. Returns the pairs and the images without
-    a label as (path, reason).
+    the label of another image are not taken as images. Returns the pairs and, as (path, reason),
+    the images without a label and the labels without an image.
     """
     labels = Path(labels)
     if not labels.is_dir():
@@ -932,6 +980,12 @@ def pair_inputs(images: str | Path, labels: str | Path) -> tuple[list[tuple[Path
             missing.append((str(image), label))
         else:
             pairs.append((image, label))
+    images_seen = {image.resolve() for image in found}
+    for paths in index.values():
+        for label in paths:
+            if label.resolve() not in used and label.resolve() not in images_seen:
+                missing.append((str(label), f"{label}: label without an image (no image named "
+                                            f"{strip_extension(label.name)}.* in {images})"))
     return pairs, missing
 
 

@@ -66,8 +66,8 @@ class MedSegDataset(Dataset):
                  random 0..``jitter`` px (clipped to the image) only when ``train=True``
       - "modal": int64 scalar; "organ": int64 (4,) body part, subregion, organ, task
       - "name":  the record's report key; "index": position in ``records``
-    A slice of another size is resized to S (image bilinear with antialiasing, mask nearest) and its
-    box scaled by S/W, S/H. ``train`` belongs to this instance: a validation dataset over part of
+    A slice of another size is resized to S (image bilinear with antialiasing, mask nearest on pixel
+    centres); the box is the tight box of that resized mask. ``train`` belongs to this instance: a validation dataset over part of
     the same records is a second instance with ``train=False``.
 
     ``strict=False`` (training only): a slice that cannot be read any more (changed after indexing)
@@ -132,8 +132,6 @@ class MedSegDataset(Dataset):
         if not mask.any():
             raise DataError(f"{record.mask_path}: mask is empty; the file changed after indexing "
                             "(open the catalog with refresh=True)")
-        box = tight_box(mask).astype(np.float32)
-
         image_t = torch.from_numpy(image).permute(2, 0, 1).float()
         label_t = torch.from_numpy(mask)[None]
         size = self.image_size
@@ -142,6 +140,14 @@ class MedSegDataset(Dataset):
                                     antialias=True)[0].clamp_(0, 255)
             # "nearest-exact" samples pixel centres (torch's "nearest" is shifted by half a pixel).
             label_t = F.interpolate(label_t[None].float(), size=(size, size), mode="nearest-exact")[0].to(torch.uint8)
+        # The box is the tight box of the label the model is scored against (the resized one), so it
+        # covers it exactly at any input size; a target too small to survive resizing keeps its
+        # scaled original box.
+        resized = label_t[0].numpy()
+        if resized.any():
+            box = tight_box(resized).astype(np.float32)
+        else:
+            box = tight_box(mask).astype(np.float32)
             box *= np.array([size / width, size / height, size / width, size / height], dtype=np.float32)
         if self.train and self.jitter > 0:
             box += self._jitter(index).astype(np.float32) * np.array([-1, -1, 1, 1], dtype=np.float32)

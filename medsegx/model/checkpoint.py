@@ -13,8 +13,8 @@ mis-shaped key is an error that lists the keys.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import UserError
+from ..fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +48,12 @@ _FRESH_DECODER_PREFIXES = (
 _NEW_UPSCALING_PREFIX = "mask_decoder.output_upscaling."
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that does not fit the model; the message lists the offending keys."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read, is unsafe, or does not fit the model; the message says which file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that would run code when unpickled (it holds objects beyond tensors and plain data)."""
 
 
 def _fmt_keys(keys, limit: int = 12) -> str:
@@ -55,20 +62,54 @@ def _fmt_keys(keys, limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load that names the file on failure; tensors-only first, full unpickling as a fallback."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+def _unsafe_types(path: Path, err: Exception) -> list[str]:
+    """The pickled types torch's safe loader refused (from the file's pickle, without running it)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as safe_err:  # noqa: BLE001 - retried below, re-raised with the file name
-        try:
-            obj = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as err:
-            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-        logger.warning("%s needed full unpickling (%s); only load files you trust", path, safe_err)
-        return obj
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - fall back to the loader's message
+        found = []
+    return sorted(set(found)) or re.findall(r"GLOBAL ([\w.]+)", str(err))
+
+
+def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Read a checkpoint safely: tensors, numbers, strings and plain containers only.
+
+    Nothing else is ever unpickled (a pickled object can run any code): such a file is refused
+    with an :class:`UnsafeCheckpointError` naming the file and the offending types. Meta's SAM
+    files, the released MedSegX files, LiteMedSAM's asset and every file this project writes hold
+    only plain data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=_zip_file(path))
+    except pickle.UnpicklingError as err:
+        types = _unsafe_types(path, err)
+        if types:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it holds pickled objects of type {', '.join(types)}, which could run "
+                "code; only tensors and plain data (numbers, strings, lists, dicts) are read") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)} (truncated or not a "
+                              "PyTorch file?)") from None
+
+
+def _zip_file(path: Path) -> bool:
+    """torch.save's zip format can be memory-mapped (no copy of a 375 MB SAM file); the legacy one cannot."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def resolve_sam_checkpoint(checkpoint: str | Path, model_type: str) -> Path:
@@ -77,12 +118,12 @@ def resolve_sam_checkpoint(checkpoint: str | Path, model_type: str) -> Path:
     if path.is_file():
         return path
     if model_type not in SAM_CHECKPOINTS:
-        raise FileNotFoundError(f"base checkpoint for {model_type} not found: {path} is not a file")
+        raise CheckpointError(f"base checkpoint for {model_type} not found: {path} is not a file")
     name, url = SAM_CHECKPOINTS[model_type]
     if path.is_dir() or not path.suffix:
         path = path / name
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"SAM checkpoint for {model_type} not found at {path}. Download {name} from {url} "
             f"into {path.parent} (scripts/download-example.sh does it when online)."
         )
@@ -189,16 +230,22 @@ def medsegx_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: state[k].detach().cpu().clone() for k in medsegx_keys(model)}
 
 
-def load_medsegx_weights(model: nn.Module, source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+def load_medsegx_weights(model: nn.Module, source: str | Path | Mapping[str, Any], name: str | None = None
+                         ) -> dict[str, Any]:
     """Overwrite the model's tensors with a MedSegX file's "model" dict (all of them, or an error).
 
-    Returns the whole checkpoint dict (optimizer, epoch, extras) for callers that resume.
+    ``source``: a file, or a checkpoint already loaded (``name`` says where it came from). Returns
+    the whole checkpoint dict (optimizer, epoch, extras) for callers that resume.
     """
-    name = str(source) if not isinstance(source, Mapping) else "<checkpoint>"
-    ckpt = torch_load(source) if not isinstance(source, Mapping) else dict(source)
+    if isinstance(source, Mapping):
+        name, ckpt = name or "<checkpoint>", dict(source)
+    else:
+        name, ckpt = str(source), torch_load(source)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{name}: expected a dict, got {type(ckpt).__name__}")
     tensors = ckpt["model"] if "model" in ckpt else ckpt
+    if not isinstance(tensors, Mapping) or not all(torch.is_tensor(v) for v in tensors.values()):
+        raise CheckpointError(f"{name} is not a MedSegX checkpoint (no dict of tensors under 'model')")
     own = model.state_dict()
     expected = set(medsegx_keys(model))
     unexpected = set(tensors) - set(own)
@@ -231,28 +278,19 @@ def read_config(path: str | Path) -> dict | None:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def save_checkpoint(
-    path: str | Path,
+def checkpoint_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     epoch: int = 0,
     **extra: Any,
-) -> None:
-    """Write the published format plus our self-description (config, taxonomy version) and ``extra``."""
+) -> dict[str, Any]:
+    """The published format plus our self-description (config, taxonomy version) and ``extra``.
+
+    Only tensors and plain data: the file loads with ``weights_only=True`` anywhere.
+    """
     from ..data.taxonomy import TAXONOMY_VERSION
 
     model = getattr(model, "module", model)
@@ -265,4 +303,10 @@ def save_checkpoint(
         "taxonomy_version": TAXONOMY_VERSION,
     }
     obj.update(extra)
-    atomic_save(obj, path)
+    return obj
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    epoch: int = 0, **extra: Any) -> None:
+    """Write :func:`checkpoint_state` atomically to ``path``."""
+    atomic_save(checkpoint_state(model, optimizer, epoch, **extra), path)
