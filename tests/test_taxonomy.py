@@ -176,7 +176,7 @@ def test_case_separators_and_word_order_are_tolerated():
     ("HeartVentricleRight", "RightVentricle"), ("HeartMyocardium", "LeftVentricularMyocardium"),
     ("HipLeft", "LeftHip"), ("HipRight", "RightHip"), ("InferiorVenaCava", "Postcava"),
     ("AdrenalGlandLeft", "LeftAdrenalGland"), ("ThyroidGland", "GlndThyroid"), ("UrinaryBladder", "Bladder"),
-    ("SmallBowel", "Intestine"), ("ClaviculaLeft", "LeftCollarBone"), ("PulmonaryArtery", "PulmonaryArtery"),
+    ("SmallBowel", "Intestine"), ("ClaviculaLeft", "LeftCollarBone"), ("pulmonary_artery", "PulmonaryArtery"),
     ("CommonCarotidArteryRight", "CarotidArteryRight"), ("Task02_Heart", "LeftAtrium"),
     ("Task10_Colon", "ColonCancer"), ("PZ", "ProstatePeripheralZone"),
 ])
