@@ -25,7 +25,7 @@ from medsegx.data.catalog import (
     open_catalog,
     problem_counts,
 )
-from medsegx.data.taxonomy import UNKNOWN_TASK
+from medsegx.data.taxonomy import NEUTRAL_ROW, UNKNOWN_TASK
 
 
 def write_pair(folder: Path, name: str, size=(16, 16), image=None, mask=None) -> None:
@@ -66,7 +66,7 @@ EXPECTED = {
     "Endoscope_Polyp": (5, 1, 4, 24, 76),
     "US_BreastCancer": (8, 1, 3, 16, 58),
     "Fundus_RetinalVessel": (6, 3, 10, 37, 99),
-    "US_FetalHead": (8, 0, 0, 0, UNKNOWN_TASK),
+    "US_FetalHead": (8, 0, 0, NEUTRAL_ROW, UNKNOWN_TASK),  # synonyms.json: head&neck / head, organ neutral
 }
 
 
@@ -138,7 +138,7 @@ def test_fetal_head_unknown_task_and_finetune_walk(real_db, tmp_path, caplog):
     catalog = open_catalog(real_db / "eval" / "OOD", "cross_task", cache_dir=tmp_path)
     fetal = catalog.select(task="US_FetalHead")
     assert len(fetal) == 24
-    assert {(r.modal, *r.organ) for r in fetal} == {(8, 0, 0, 0, UNKNOWN_TASK)}
+    assert {(r.modal, *r.organ) for r in fetal} == {(8, 0, 0, NEUTRAL_ROW, UNKNOWN_TASK)}
     finetune, inference = fetal.select(subset="finetune"), fetal.select(subset="inference")
     assert (len(finetune), len(inference)) == (12, 12)
     assert [key for key, _ in inference.groups()] == [("US_FetalHead", "HC18")]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.taxonomy import NEUTRAL_ROW
+
 # Tree levels embedded for the organ gate: root, body part, subregion, organ.
 NUM_ORGAN_LEVELS = 4
 
@@ -61,6 +63,18 @@ class ContextEmbedding(nn.Module):
             nn.init.zeros_(table.weight)
 
 
+def _lookup(table: nn.Embedding, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``table`` for ``B`` indices; ``NEUTRAL_ROW`` gives a zero vector.
+
+    The neutral entries still look row 0 up and zero it, so the table stays in
+    the autograd graph even for an all-neutral batch (DDP sees no unused
+    parameter) while row 0 gets no gradient from them.
+    """
+    neutral = index == NEUTRAL_ROW
+    rows = table(index.masked_fill(neutral, 0))
+    return rows.masked_fill(neutral.unsqueeze(-1), 0.0)
+
+
 def embed_context(
     modal_embed: nn.Embedding, organ_embed: nn.ModuleList, modal: torch.Tensor, organ: torch.Tensor
 ) -> AdapterContext:
@@ -69,15 +83,29 @@ def embed_context(
     Args:
         modal: ``B`` modality indices.
         organ: ``B x 4`` indices [body part, subregion, organ, task]; the root
-            level is implicit (row 0 for every slice).
+            level is implicit (row 0 for every slice). ``NEUTRAL_ROW`` (-1) at a
+            level the slice's task name does not determine is embedded as zero.
+
+    Why zero is the neutral context: every table starts at zero, so zero is
+    what an untrained row holds, and both gates are linear in the embeddings.
+    A zero level adds nothing to the organ gate's logits (its softmax is then
+    decided by the known levels and the bias); the weight that softmax still
+    gives the zero level scales no vector, so the organ summary shrinks toward
+    zero ("no organ information") instead of borrowing a real organ's vector,
+    and the expert gate sees that summary, the task row (the spare row 111 for
+    an unknown task), the modality and the image feature. The gate's softmax is
+    not renormalised over the known levels: the released gates were trained with
+    all four levels present, and renormalising would feed them mixtures they
+    never saw. A neutral level has no trainable row; fine-tuning adapts the
+    spare task row, the known levels' rows and the gates.
     """
     if organ.dim() != 2 or organ.shape[1] != NUM_ORGAN_LEVELS:
         raise ValueError(f"organ must be B x {NUM_ORGAN_LEVELS} [body part, subregion, organ, task], got {tuple(organ.shape)}")
     root = torch.zeros_like(organ[:, 0])
-    levels = [organ_embed[0](root)] + [organ_embed[i + 1](organ[:, i]) for i in range(NUM_ORGAN_LEVELS - 1)]
+    levels = [organ_embed[0](root)] + [_lookup(organ_embed[i + 1], organ[:, i]) for i in range(NUM_ORGAN_LEVELS - 1)]
     return AdapterContext(
         organ_levels=torch.stack(levels, dim=0),
-        task=organ_embed[NUM_ORGAN_LEVELS](organ[:, NUM_ORGAN_LEVELS - 1]),
+        task=_lookup(organ_embed[NUM_ORGAN_LEVELS], organ[:, NUM_ORGAN_LEVELS - 1]),
         modal=modal_embed(modal),
     )
 
