@@ -27,6 +27,7 @@ from medsegx.data.convert import (
     parse_labels_map,
     parse_window,
 )
+from medsegx.errors import UserError, user_errors
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,14 +67,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> ConversionSummary:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    lower, upper = (float(v) for v in args.percentiles.split(","))
-    cfg = ConvertConfig(
-        modality=args.modality, dataset=args.dataset, labels_map=parse_labels_map(args.labels_map),
-        out=args.out, sequence=args.sequence, ood_site=args.ood_site,
-        finetune_fraction=args.finetune_fraction, seed=args.seed, window=parse_window(args.window),
-        percentiles=(lower, upper), axis=args.axis, keep_empty=args.keep_empty,
-        min_pixels=args.min_pixels, orient=args.orient, case_ids=args.case_ids,
-    )
+    try:
+        lower, upper = (float(v) for v in args.percentiles.split(","))
+        cfg = ConvertConfig(
+            modality=args.modality, dataset=args.dataset, labels_map=parse_labels_map(args.labels_map),
+            out=args.out, sequence=args.sequence, ood_site=args.ood_site,
+            finetune_fraction=args.finetune_fraction, seed=args.seed, window=parse_window(args.window),
+            percentiles=(lower, upper), axis=args.axis, keep_empty=args.keep_empty,
+            min_pixels=args.min_pixels, orient=args.orient, case_ids=args.case_ids,
+        )
+    except ValueError as err:  # a bad option value: said like any other user error
+        raise UserError(str(err)) from None
     summary = convert_dataset(args.images, args.labels, cfg, strict=args.strict)
     print(summary.describe())
     return summary
@@ -81,4 +85,5 @@ def main(args: argparse.Namespace) -> ConversionSummary:
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    main(args)
+    with user_errors(args):
+        main(args)

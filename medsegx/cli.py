@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError, user_errors
+
 
 def _params(args: argparse.Namespace) -> None:
     from .model import count_parameters
@@ -49,7 +51,7 @@ def compare_reports(a: Path, b: Path, labels: tuple[str, str], external: bool) -
     da, db = read_report_csv(a), read_report_csv(b)
     common = sorted(set(da) & set(db))
     if not common:
-        raise SystemExit(f"{a} and {b} share no slice")
+        raise UserError(f"{a} and {b} share no slice")
     per_task: dict[str, list[str]] = defaultdict(list)
     for key in common:
         per_task[task_of(key, external)].append(key)
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out", default=None)
     c.set_defaults(func=_compare)
     args = parser.parse_args(argv)
-    args.func(args)
+    with user_errors(args):
+        args.func(args)
 
 
 if __name__ == "__main__":
