@@ -29,10 +29,7 @@ from . import runtime
 from .checkpointer import Checkpointer, DivergedError
 from .fileio import atomic_write_text
 from .losses import medsegx_loss
-from .metrics import hd95 as hd95_metric
-from .metrics import nsd as nsd_metric
-from .metrics.select import SELECTION_MODES as SELECT_MODES
-from .metrics.select import binarize, dice_per_mask, select_masks
+from .metrics.select import SELECTION_MODES, binarize, score_multimask
 from .model.checkpoint import checkpoint_state, load_medsegx_weights
 
 logger = logging.getLogger(__name__)
@@ -186,10 +183,12 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Score every slice: per-slice dicts (all ranks' results, in dataset order, on every rank).
 
-    For each slice: DSC of the 3 outputs, the output chosen by ``select`` and
-    by each honest mode, HD95 (pixels of the 256 grid, the published unit) of
-    the chosen output, HD95 in mm where ``spacing(index)`` knows the pixel
-    spacing, and NSD if asked. Slices with an empty label get ``skipped``.
+    For each slice (through :func:`medsegx.metrics.score_multimask`, the one
+    scorer): DSC of the 3 outputs, the DSC of every selection mode's choice
+    (``dsc_oracle``, ``dsc_iou``, ``dsc_first``), the mode ``select`` and its
+    choice (``chosen``, ``dsc``), HD95 (pixels of the 256 grid, the published
+    unit) of the chosen output, HD95 in mm where ``spacing(index)`` knows the
+    pixel spacing, and NSD if asked. Slices with an empty label get ``skipped``.
     With ``keep_worst``, the lowest-DSC slices (image, label, prediction) are
     appended to ``gallery`` for the report's figure.
     """
@@ -205,47 +204,34 @@ def evaluate(
         masks = binarize(out.masks.float())  # sigmoid > 0.5, as published; B x 3 x H x W
         gt = batch["label"][:, 0].bool().cpu().numpy()
         iou_pred = out.iou_pred.float().cpu().numpy()
-        counts = dice_per_mask(masks, gt)
-        dsc_all = counts["dsc"]
-        chosen = {mode: select_masks(masks, gt, iou_pred, mode) for mode in SELECT_MODES}
-        sel = chosen[select]
-        rows = np.arange(len(sel))
-        best = masks[rows, sel]
-        hd = hd95_metric(best, gt, empty="published") if "hd" in metrics else np.full(len(sel), np.nan)
-        nsd = nsd_metric(best, gt, nsd_tolerance, empty="published") if "nsd" in metrics else None
         indices = [int(i) for i in batch["index"]]
-        spacings = [spacing(i) if spacing is not None else None for i in indices]
-        known = [j for j, sp in enumerate(spacings) if sp is not None]
-        hd_mm = np.full(len(sel), np.nan)
-        if known and "hd" in metrics:
-            hd_mm[known] = hd95_metric(best[known], gt[known], spacing=np.array([spacings[j] for j in known]),
-                                       empty="published")
+        scores = score_multimask(masks, gt, iou_pred, select=select, metrics=metrics, nsd_tolerance=nsd_tolerance,
+                                 spacing=[spacing(i) for i in indices] if spacing is not None else None)
         for j, index in enumerate(indices):
             r: dict[str, Any] = {
                 "index": index,
                 "name": batch["name"][j],
-                "dsc": float(dsc_all[j, sel[j]]),
-                "hd": float(hd[j]),
-                "chosen": int(sel[j]),
+                "select": select,
+                "dsc": float(scores["dsc"][j]),
+                "chosen": int(scores["idx"][j]),
                 "iou_pred": iou_pred[j].tolist(),
-                "dsc_all": dsc_all[j].tolist(),
-                "intersection": int(counts["intersection"][j, sel[j]]),
-                "pred_size": int(counts["pred_size"][j, sel[j]]),
-                "gt_size": int(counts["gt_size"][j]),
+                "dsc_all": scores["dsc_all"][j].tolist(),
+                "intersection": int(scores["intersection"][j]),
+                "pred_size": int(scores["pred_size"][j]),
+                "gt_size": int(scores["gt_size"][j]),
+                **{f"dsc_{mode}": float(scores[f"dsc_{mode}"][j]) for mode in SELECTION_MODES},
             }
-            for mode in SELECT_MODES:
-                r[f"dsc_{mode}"] = float(dsc_all[j, chosen[mode][j]])
-            if nsd is not None:
-                r["nsd"] = float(nsd[j])
-            if not np.isnan(hd_mm[j]):
-                r["hd_mm"] = float(hd_mm[j])
+            for key, name in (("hd95", "hd"), ("hd95_mm", "hd_mm"), ("nsd", "nsd")):
+                if key in scores and not np.isnan(scores[key][j]):
+                    r[name] = float(scores[key][j])
+            r.setdefault("hd", float("nan"))
             if r["gt_size"] == 0:
                 r["skipped"] = "empty label"
             results.append(r)
             if keep_worst and r["gt_size"]:
                 worst.append((r["dsc"], {"index": index, "title": f"{r['name']}  DSC {r['dsc']:.3f}",
                                          "image": batch["image"][j].permute(1, 2, 0).byte().cpu().numpy(),
-                                         "label": gt[j], "pred": best[j]}))
+                                         "label": gt[j], "pred": masks[j, r["chosen"]]}))
                 worst.sort(key=lambda t: t[0])
                 del worst[keep_worst:]
     gathered = runtime.all_gather_objects(results)

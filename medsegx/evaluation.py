@@ -100,7 +100,8 @@ def run_evaluation(args: argparse.Namespace, external: bool) -> list[dict[str, A
 def to_slice_result(r: dict[str, Any], record: Any) -> reports.SliceResult:
     """An engine result as a report row (group and case from the catalog record)."""
     return reports.SliceResult(
-        name=r["name"], dsc=r["dsc"], hd=r["hd"], group=record.group_key, nsd=r.get("nsd"),
-        dsc_iou=r["dsc_iou"], dsc_first=r["dsc_first"], hd95_mm=r.get("hd_mm"), case=record.case_id,
+        name=r["name"], dsc=r["dsc"], hd=r["hd"], select=r["select"], group=record.group_key, nsd=r.get("nsd"),
+        dsc_oracle=r["dsc_oracle"], dsc_iou=r["dsc_iou"], dsc_first=r["dsc_first"], hd95_mm=r.get("hd_mm"),
+        case=record.case_id,
         intersection=r["intersection"], pred_size=r["pred_size"], gt_size=r["gt_size"],
         skipped=r.get("skipped"), index=r["index"])

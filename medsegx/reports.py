@@ -51,8 +51,9 @@ class SliceResult:
 
     ``name`` is the CSV ``File`` key (e.g. ``AbdomenCT1K/CT_Liver/casenum_00371_sliceid_50.npy``);
     ``group`` the report nesting (default: the folders of ``name``). ``dsc`` / ``hd`` are the
-    published numbers (oracle selection, HD95 in pixels). Optional: ``nsd``, the DSC of the
-    label-free selections ``dsc_iou`` / ``dsc_first``, ``hd95_mm``, ``case`` (default: parsed from
+    numbers of the published files: those of the output the ``select`` mode chose ("oracle", the
+    paper's protocol, by default; HD95 in pixels). Optional: ``nsd``, the DSC of every selection
+    mode ``dsc_oracle`` / ``dsc_iou`` / ``dsc_first``, ``hd95_mm``, ``case`` (default: parsed from
     ``casenum_<id>_sliceid_``), pixel counts for volumetric DSC, ``skipped`` (a reason; keeps the
     slice out of the published files) and ``index`` (dataset position, to fetch arrays).
     """
@@ -60,7 +61,9 @@ class SliceResult:
     group: tuple[str, ...] = field(default=())
     dsc: float = math.nan
     hd: float = math.nan
+    select: str = "oracle"
     nsd: float | None = None
+    dsc_oracle: float | None = None
     dsc_iou: float | None = None
     dsc_first: float | None = None
     hd95_mm: float | None = None
@@ -81,6 +84,8 @@ class SliceResult:
             base = self.name.rsplit("/", 1)[-1]
             m = _CASE_RE.search(base)
             self.case = m.group(1) if m else base.rsplit(".", 1)[0]
+        if self.dsc_oracle is None and self.select == "oracle":
+            self.dsc_oracle = self.dsc
 
 
 # ----------------------------------------------------------------------------- naming
@@ -197,31 +202,6 @@ def read_published_csv(path: str | Path) -> list[SliceResult]:
     return [SliceResult(r["File"], dsc=float(r["DSC"] or "nan"), hd=float(r["HD"] or "nan")) for r in rows]
 
 
-def slice_results(names: Sequence[str], scores: dict[str, np.ndarray], groups: Sequence[tuple[str, ...]] | None = None,
-                  indices: Sequence[int] | None = None) -> list[SliceResult]:
-    """Records from :func:`medsegx.metrics.score_multimask` output for a batch of named slices.
-
-    A slice with an empty label is marked ``skipped="empty label"`` (the published code crashed
-    on it), so it is counted in the details but kept out of the published files.
-    """
-    def opt(key: str, i: int) -> float | None:
-        return float(scores[key][i]) if key in scores else None
-
-    out = []
-    for i, name in enumerate(names):
-        empty = bool(scores["empty_label"][i]) if "empty_label" in scores else False
-        out.append(SliceResult(
-            name=name, group=tuple(groups[i]) if groups is not None else (), dsc=float(scores["dsc"][i]),
-            hd=float(scores["hd95"][i]), nsd=opt("nsd", i), dsc_iou=opt("dsc_iou", i), dsc_first=opt("dsc_first", i),
-            hd95_mm=opt("hd95_mm", i),
-            intersection=int(scores["intersection"][i]) if "intersection" in scores else None,
-            pred_size=int(scores["pred_size"][i]) if "pred_size" in scores else None,
-            gt_size=int(scores["gt_size"][i]) if "gt_size" in scores else None,
-            skipped="empty label" if empty else None,
-            index=int(indices[i]) if indices is not None else None))
-    return out
-
-
 # ----------------------------------------------------------------------------- details
 
 def _task_of(r: SliceResult, layout: str) -> str:
@@ -282,27 +262,30 @@ def format_details_md(results: Sequence[SliceResult], title: str, layout: str = 
     skipped = [r for r in results if r.skipped is not None]
     cases = case_dsc(results)
     lines = [f"# {title}: details", ""]
-    lines.append(f"Slices scored: {len(scored)}; skipped: {len(skipped)}. Published numbers (DSC, HD) use the "
-                 "oracle choice (the output with the best DSC against the label); DSC (iou) and DSC (first) "
-                 "choose without the label, so oracle - iou is the selection gap. HD is HD95 in pixels of the "
-                 "scored grid; HD95 mm uses the slice spacing where it is known (n/a: no physical spacing, e.g. "
-                 "2-D pictures). Means ignore NaN; NaN counts are "
-                 "listed below.")
+    modes = sorted({r.select for r in scored}) or ["oracle"]
+    chosen = ", ".join(modes)
+    lines.append(f"Slices scored: {len(scored)}; skipped: {len(skipped)}. The published files (`.md`, `.csv`) and the "
+                 f"DSC / HD95 columns below score the output chosen by `--select {chosen}`"
+                 + (" (the paper's protocol: the output with the best DSC against the label)" if modes == ["oracle"]
+                    else "; the published tables use oracle selection") + ". DSC (oracle) looks at the label; "
+                 "DSC (iou) and DSC (first) choose without it, so oracle - iou is the selection gap. HD is HD95 in "
+                 "pixels of the scored grid; HD95 mm uses the slice spacing where it is known (n/a: no physical "
+                 "spacing, e.g. 2-D pictures). Means ignore NaN; NaN counts are listed below.")
     lines.append("")
 
     def row(label: str, rs: Sequence[SliceResult], cs: Sequence[dict]) -> str:
         n = len(rs)
-        d = _stats(r.dsc for r in rs)
+        oracle = _stats(r.dsc_oracle for r in rs)
         iou = _stats(r.dsc_iou for r in rs)
-        gap = f"{d[1] - iou[1]:+.4f}" if iou[0] and d[0] else "-"
-        return (f"| {label} | {n} | {_ms(r.dsc for r in rs)} | {_ms(r.dsc_iou for r in rs)} | "
-                f"{_ms(r.dsc_first for r in rs)} | {gap} | {_ms((r.hd for r in rs), 2)} | "
+        gap = f"{oracle[1] - iou[1]:+.4f}" if iou[0] and oracle[0] else "-"
+        return (f"| {label} | {n} | {_ms(r.dsc for r in rs)} | {_ms(r.dsc_oracle for r in rs)} | "
+                f"{_ms(r.dsc_iou for r in rs)} | {_ms(r.dsc_first for r in rs)} | {gap} | {_ms((r.hd for r in rs), 2)} | "
                 f"{_ms((r.hd95_mm for r in rs), 2, missing='n/a')} | {_ms(r.nsd for r in rs)} | {len(cs)} | "
                 f"{_ms(c['dsc'] for c in cs)} |")
 
-    header = ("| {} | N | DSC | DSC (iou) | DSC (first) | oracle - iou | HD95 px | HD95 mm | NSD | cases | "
-              "case DSC |")
-    sep = "|---|---:|---|---|---|---:|---|---|---|---:|---|"
+    header = (f"| {{}} | N | DSC (scored: {chosen}) | DSC (oracle) | DSC (iou) | DSC (first) | oracle - iou | HD95 px | "
+              "HD95 mm | NSD | cases | case DSC |")
+    sep = "|---|---:|---|---|---|---|---:|---|---|---|---:|---|"
     lines += ["## Per task", "", header.format("task"), sep]
     by_task: dict[str, list[SliceResult]] = {}
     for r in scored:

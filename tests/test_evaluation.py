@@ -121,3 +121,22 @@ def test_vit_b_scripts_on_cpu(example_db, tmp_path):
     assert len(_rows(out / "internal" / "ID.csv")) == 10
     md = (out / "external" / "OOD-task.md").read_text(encoding="utf-8").splitlines()
     assert md[0] == "# external cross_task evaluation" and md[2] == "- CT_ColonCancer"
+
+
+def test_select_iou_reports_both_means_correctly_labelled(tiny_parity_dir, example_db, tmp_path):
+    """--select iou scores the IoU head's choice; the details show it beside the oracle, each labelled."""
+    evaluate_internal.main(evaluate_internal.get_args_parser().parse_args(
+        [*_tiny_args(tiny_parity_dir, tmp_path), "--data_path", str(example_db / "eval" / "ID"), "--select", "iou"]))
+    golden = {row["file"].split("/")[-1]: row for row in _rows(tiny_parity_dir / "golden_metrics_all_masks.csv")}
+    rows = _rows(tmp_path / "internal" / "ID.csv")
+    oracle = np.mean([max(float(golden[r["File"].split("/")[-1]][f"DSC_{k}"]) for k in range(3)) for r in rows])
+    chosen = np.mean([float(r["DSC"]) for r in rows])
+    assert chosen < oracle - 1e-3  # the tiny model's IoU head disagrees with the oracle on this set
+    details = (tmp_path / "internal" / "ID_details.md").read_text(encoding="utf-8")
+    header = next(line for line in details.splitlines() if line.startswith("| task |")).split("|")
+    cells = next(line for line in details.splitlines() if line.startswith("| ALL |")).split("|")
+    column = {name.strip(): cell.strip() for name, cell in zip(header, cells)}
+    assert float(column["DSC (iou)"].split()[0]) == pytest.approx(chosen, abs=1e-4)
+    assert float(column["DSC (oracle)"].split()[0]) == pytest.approx(oracle, abs=1e-4)
+    assert float(column["oracle - iou"]) == pytest.approx(oracle - chosen, abs=2e-4)
+    assert "--select iou" in details

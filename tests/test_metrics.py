@@ -414,7 +414,8 @@ def test_score_multimask():
     m = np.stack([p, np.roll(p, 2, axis=1), g], axis=1)
     m[0, 2] = False
     iou = torch.rand(9, 3)
-    out = score_multimask(m, g[:, None], iou_pred=iou, spacing=(0.5, 0.5), nsd_tolerance=1.0)
+    out = score_multimask(m, g[:, None], iou_pred=iou, spacing=(0.5, 0.5), nsd_tolerance=1.0,
+                          metrics=("dsc", "hd", "nsd"))
     d_all = np.stack([dice(m[:, k], g) for k in range(3)], 1)
     np.testing.assert_allclose(out["dsc_all"], d_all)
     idx = np.argmax(d_all, 1)
@@ -426,3 +427,15 @@ def test_score_multimask():
     np.testing.assert_array_equal(out["dsc_iou"], d_all[np.arange(9), select_masks(m, iou_pred=iou, mode="iou")])
     np.testing.assert_array_equal(out["dsc_first"], d_all[:, 0])
     np.testing.assert_array_equal(out["intersection"], (chosen & g).sum((1, 2)))
+    np.testing.assert_array_equal(out["dsc_oracle"], out["dsc"])
+    # --select iou: the iou choice is scored (HD95 of its output), the oracle's DSC is still there
+    by_iou = score_multimask(m, g[:, None], iou_pred=iou, select="iou", spacing=[(0.5, 0.5)] * 4 + [None] * 5)
+    idx_iou = select_masks(m, iou_pred=iou, mode="iou")
+    np.testing.assert_array_equal(by_iou["idx"], idx_iou)
+    np.testing.assert_array_equal(by_iou["dsc"], d_all[np.arange(9), idx_iou])
+    np.testing.assert_array_equal(by_iou["dsc_oracle"], out["dsc"])
+    np.testing.assert_allclose(by_iou["hd95"], hd95(m[np.arange(9), idx_iou], g, empty="published"))
+    assert np.isnan(by_iou["hd95_mm"][4:]).all()
+    np.testing.assert_allclose(by_iou["hd95_mm"][:4], 0.5 * by_iou["hd95"][:4])
+    with pytest.raises(ValueError, match="select"):
+        score_multimask(m, g, select="iou")  # no IoU predictions

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from medsegx.metrics import score_multimask
 from medsegx.reports import (
     SliceResult,
     case_dsc,
@@ -20,7 +19,6 @@ from medsegx.reports import (
     internal_title,
     plot_gallery,
     read_published_csv,
-    slice_results,
     worst_results,
     write_published,
     write_report,
@@ -124,7 +122,8 @@ def test_details_show_selection_gap_and_mm(tmp_path):
     ]
     text = format_details_md(results, "external cross_site evaluation", layout="external")
     t1 = next(line for line in text.splitlines() if line.startswith("| T1 |"))
-    assert "| 2 | 0.8000 ± 0.1414 | 0.7000 ± 0.1414 | 0.6000 ± 0.1414 | +0.1000 |" in t1
+    # the oracle choice is scored (the default), so its DSC stands in both the chosen and the oracle column
+    assert "| 2 | 0.8000 ± 0.1414 | 0.8000 ± 0.1414 | 0.7000 ± 0.1414 | 0.6000 ± 0.1414 | +0.1000 |" in t1
     assert "1.50 ± 0.71" in t1 and "0.9000 ± 0.0707" in t1
     assert worst_results(results, 1)[0].name.startswith("T2/")
     with pytest.raises(ValueError):
@@ -151,18 +150,19 @@ def test_write_report_files(tmp_path):
     assert plot_gallery(gallery[:1], tmp_path / "one.png").is_file()
 
 
-def test_slice_results_from_scores():
-    masks = np.zeros((2, 3, 16, 16), bool)
-    gt = np.zeros((2, 1, 16, 16), bool)
-    gt[0, 0, 4:8, 4:8] = True
-    masks[0, 1, 4:8, 4:9] = True
-    scores = score_multimask(masks, gt, iou_pred=np.array([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]]))
-    names = ["D/T/casenum_1_sliceid_0.npy", "D/T/casenum_1_sliceid_1.npy"]
-    results = slice_results(names, scores, indices=[5, 6])
-    assert results[0].dsc == pytest.approx(2 * 16 / 36) and results[0].skipped is None
-    assert results[0].dsc_iou == 0.0 and results[0].intersection == 16 and results[0].index == 5
-    assert results[1].skipped == "empty label"  # the published code crashed here
-    assert format_slices_csv(results).count("\n") == 2
+def test_details_label_the_selection_mode():
+    """--select iou: the published numbers are the iou choice's, and the details show both means, labelled."""
+    rows = [SliceResult(f"D/T/casenum_{i}_sliceid_0.npy", dsc=d_iou, hd=1.0, select="iou", dsc_oracle=d_or,
+                        dsc_iou=d_iou, dsc_first=d_first)
+            for i, (d_or, d_iou, d_first) in enumerate([(0.9, 0.5, 0.5), (0.8, 0.8, 0.2)])]
+    details = format_details_md(rows, "internal evaluation")
+    header = next(line for line in details.splitlines() if line.startswith("| task |"))
+    assert "DSC (scored: iou) | DSC (oracle) | DSC (iou) | DSC (first) | oracle - iou" in header
+    all_row = next(line for line in details.splitlines() if line.startswith("| ALL |")).split("|")
+    assert all_row[3].strip().startswith("0.6500") and all_row[4].strip().startswith("0.8500")
+    assert all_row[7].strip() == "+0.2000"
+    assert "--select iou" in details
+    assert "DSC (0.6500)" in format_summary_md(rows, "internal evaluation")
 
 
 def test_read_published_csv_rejects_other_columns(tmp_path):

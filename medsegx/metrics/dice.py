@@ -5,15 +5,12 @@ Empty-mask policy (``empty=``), for an item whose label ``gt`` is empty:
 =============  ====================  =====================
 policy         gt empty, pred empty  gt empty, pred not
 =============  ====================  =====================
-``"monai"``    NaN                   NaN
-``"published"`` NaN                  NaN
 ``"nan"``      NaN                   NaN
 ``"score"``    1.0                   0.0
 =============  ====================  =====================
 
-``"monai"`` is MONAI's ``compute_dice(ignore_empty=True)``, which the published MedSegX
-evaluation used (``DiceMetric()`` defaults), hence ``"published"`` is the same. ``"score"`` is
-MONAI's ``ignore_empty=False``. An empty prediction with a non-empty label always scores 0.
+``"nan"`` (the default) is MONAI's ``compute_dice(ignore_empty=True)``, which the published
+MedSegX evaluation used (``DiceMetric()`` defaults). ``"score"`` is MONAI's ``ignore_empty=False``. An empty prediction with a non-empty label always scores 0.
 A NaN is meant to be counted and reported by the caller, never averaged silently.
 """
 from __future__ import annotations
@@ -27,7 +24,7 @@ from ._inputs import as_pair
 
 logger = logging.getLogger(__name__)
 
-DICE_POLICIES = ("monai", "published", "nan", "score")
+DICE_POLICIES = ("nan", "score")
 
 
 def count_true(m: np.ndarray) -> np.ndarray:
@@ -51,7 +48,7 @@ def overlap_counts(pred: Any, gt: Any, spatial_dims: int | None = None) -> dict[
 
 
 def dice_from_counts(intersection: np.ndarray, pred_size: np.ndarray, gt_size: np.ndarray,
-                     empty: str = "monai") -> np.ndarray:
+                     empty: str = "nan") -> np.ndarray:
     """DSC = 2|P∩G| / (|P| + |G|) from counts (arrays of any matching shape) -> float64."""
     if empty not in DICE_POLICIES:
         raise ValueError(f"empty must be one of {DICE_POLICIES}, got {empty!r}")
@@ -71,12 +68,12 @@ def dice_from_counts(intersection: np.ndarray, pred_size: np.ndarray, gt_size: n
     return np.asarray(out, dtype=np.float64)
 
 
-def dice(pred: Any, gt: Any, empty: str = "monai", spatial_dims: int | None = None) -> np.ndarray:
+def dice(pred: Any, gt: Any, empty: str = "nan", spatial_dims: int | None = None) -> np.ndarray:
     """Dice similarity coefficient per item.
 
     Args:
         pred, gt: binary masks ``B x [1 x] H x W`` or ``B x [1 x] D x H x W`` (numpy or torch).
-        empty: policy for an empty label, see the module docstring (default: MONAI's NaN).
+        empty: policy for an empty label, see the module docstring (default: NaN, as MONAI and the published code).
         spatial_dims: 3 to read ``B x 1 x H x W`` as volumes of depth 1 (rarely needed).
 
     Returns:

@@ -8,6 +8,7 @@ can be reported: "iou" (the model's own IoU prediction, ties to the first) and "
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -69,7 +70,7 @@ def dice_per_mask(masks: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
     psize = count_true(masks.reshape(per_mask)).reshape(b, k)
     gsize = count_true(gt)
     return {"intersection": inter, "pred_size": psize, "gt_size": gsize,
-            "dsc": dice_from_counts(inter, psize, gsize[:, None], empty="monai")}
+            "dsc": dice_from_counts(inter, psize, gsize[:, None], empty="nan")}
 
 
 def select_masks(masks_or_logits: Any, gt: Any = None, iou_pred: Any = None, mode: str = "oracle") -> np.ndarray:
@@ -105,52 +106,72 @@ def select_masks(masks_or_logits: Any, gt: Any = None, iou_pred: Any = None, mod
     return _first_argmax(dice_per_mask(m, g)["dsc"])
 
 
-def score_multimask(masks_or_logits: Any, gt: Any, iou_pred: Any = None, spacing: SpacingLike = None,
-                    nsd_tolerance: float | None = None, empty: str = "published") -> dict[str, np.ndarray]:
-    """The published per-slice scores plus the honest-selection ones, for one batch.
+def score_multimask(masks_or_logits: Any, gt: Any, iou_pred: Any = None, *, select: str = "oracle",
+                    metrics: Sequence[str] = ("dsc", "hd"), spacing: Sequence[SpacingLike | None] | SpacingLike = None,
+                    nsd_tolerance: float = 2.0, empty: str = "published") -> dict[str, np.ndarray]:
+    """The one scorer of multimask outputs: every selection mode's choice and DSC, and the surface
+    metrics of the output ``select`` chose.
 
     Args:
         masks_or_logits: ``B x K x H x W`` bool masks or float logits.
         gt: label ``B x [1 x] H x W``.
-        iou_pred: predicted IoU ``B x K``; adds ``idx_iou`` / ``dsc_iou``.
-        spacing: pixel spacing (scalar, per axis, or ``B x 2``); adds ``hd95_mm`` (HD95 of the
-            oracle mask in the spacing's unit; ``hd95`` itself stays in pixels as published).
-        nsd_tolerance: adds ``nsd`` of the oracle mask at this tolerance (in the spacing's unit
-            when spacing is given, else pixels).
+        iou_pred: predicted IoU ``B x K``; without it the "iou" mode is absent.
+        select: the mode whose output is scored by HD95 / NSD and reported as ``dsc`` / ``idx``
+            ("oracle" is the published protocol).
+        metrics: "hd" adds ``hd95`` (pixels, as published); "nsd" adds ``nsd``.
+        spacing: pixel spacing: one for all items, or one per item (None where unknown); adds
+            ``hd95_mm`` (NaN where unknown) when "hd" is asked. NSD's tolerance is in the spacing's
+            unit where the spacing is known for all items, else in pixels.
         empty: empty-mask policy of the surface metrics (default: the published one).
 
     Returns:
-        dict of arrays ``B``: ``idx`` (oracle choice), ``dsc``, ``hd95`` (pixels), ``dsc_first``,
-        ``intersection`` / ``pred_size`` / ``gt_size`` of the oracle mask (for volumetric DSC),
-        ``empty_label`` (bool), and ``dsc_all`` ``B x K``; plus the optional entries above.
+        dict of arrays ``B``: ``dsc_all`` (``B x K``); per mode ``idx_<mode>`` and ``dsc_<mode>``;
+        ``select`` (the mode), ``idx`` and ``dsc`` (its choice), ``intersection`` / ``pred_size`` /
+        ``gt_size`` of the chosen output (for volumetric DSC), ``empty_label`` (bool), and the
+        surface metrics above.
     """
     m = _multimask(masks_or_logits)
     g = as_mask_batch(gt, "gt", 2)
     if g.shape != (m.shape[0],) + m.shape[2:]:
         raise ValueError(f"gt must be B x [1 x] H x W matching {m.shape}, got {np.shape(gt)}")
+    modes = [mode for mode in SELECTION_MODES if mode != "iou" or iou_pred is not None]
+    if select not in modes:
+        raise ValueError(f"select must be one of {modes}, got {select!r}")
     b = m.shape[0]
     rows = np.arange(b)
     counts = dice_per_mask(m, g)
     dsc_all = counts["dsc"]
-    idx = _first_argmax(dsc_all)
+    out: dict[str, Any] = {"dsc_all": dsc_all, "select": select, "gt_size": counts["gt_size"],
+                           "empty_label": counts["gt_size"] == 0}
+    for mode in modes:
+        idx = _first_argmax(dsc_all) if mode == "oracle" else select_masks(m, iou_pred=iou_pred, mode=mode)
+        out[f"idx_{mode}"], out[f"dsc_{mode}"] = idx, dsc_all[rows, idx]
+    idx = out[f"idx_{select}"]
     chosen = m[rows, idx]
-    out = {
-        "idx": idx,
-        "dsc": dsc_all[rows, idx],
-        "hd95": hd95(chosen, g, empty=empty),
-        "dsc_first": dsc_all[:, 0],
-        "intersection": counts["intersection"][rows, idx],
-        "pred_size": counts["pred_size"][rows, idx],
-        "gt_size": counts["gt_size"],
-        "empty_label": counts["gt_size"] == 0,
-        "dsc_all": dsc_all,
-    }
-    if iou_pred is not None:
-        idx_iou = select_masks(m, iou_pred=iou_pred, mode="iou")
-        out["idx_iou"] = idx_iou
-        out["dsc_iou"] = dsc_all[rows, idx_iou]
-    if spacing is not None:
-        out["hd95_mm"] = hd95(chosen, g, spacing=spacing, empty=empty)
-    if nsd_tolerance is not None:
-        out["nsd"] = nsd(chosen, g, nsd_tolerance, spacing=spacing, empty=empty)
+    out.update(idx=idx, dsc=out[f"dsc_{select}"], intersection=counts["intersection"][rows, idx],
+               pred_size=counts["pred_size"][rows, idx])
+    per_item = _per_item_spacing(spacing, b)
+    known = [i for i, sp in enumerate(per_item) if sp is not None]
+    if "hd" in metrics:
+        out["hd95"] = hd95(chosen, g, empty=empty)
+        if known:
+            out["hd95_mm"] = np.full(b, np.nan)
+            out["hd95_mm"][known] = hd95(chosen[known], g[known], spacing=np.array([per_item[i] for i in known]),
+                                         empty=empty)
+    if "nsd" in metrics:
+        all_known = len(known) == b
+        out["nsd"] = nsd(chosen, g, nsd_tolerance, spacing=np.array(per_item) if all_known else None, empty=empty)
     return out
+
+
+def _per_item_spacing(spacing: Any, b: int) -> list[tuple[float, ...] | None]:
+    """``spacing`` as one entry per item (None: unknown)."""
+    if spacing is None:
+        return [None] * b
+    if isinstance(spacing, (list, tuple)) and len(spacing) == b and \
+            (spacing[0] is None or np.ndim(spacing[0]) == 1):
+        return [None if sp is None else tuple(float(v) for v in sp) for sp in spacing]
+    arr = np.asarray(spacing, dtype=np.float64)
+    if arr.ndim == 2:
+        return [tuple(row) for row in arr]
+    return [tuple(np.broadcast_to(arr, (2,)).tolist())] * b
