@@ -44,7 +44,9 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medsegx.model.build import apply_freeze_policy, build_sam256, model_config  # noqa: E402
+from medsegx.model.build import build_sam256  # noqa: E402
+from medsegx.model.config import model_config  # noqa: E402
+from medsegx.model.freeze import apply_freeze_policy  # noqa: E402
 
 CONFIGS = _ALL_CONFIGS
 

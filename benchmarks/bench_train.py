@@ -56,7 +56,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medsegx.engine import train_one_epoch  # noqa: E402
-from medsegx.model.build import apply_freeze_policy, build_sam256, model_config  # noqa: E402
+from medsegx.model.build import build_sam256  # noqa: E402
+from medsegx.model.config import model_config  # noqa: E402
+from medsegx.model.freeze import apply_freeze_policy  # noqa: E402
 
 CONFIGS = {k: _ALL_CONFIGS[k] for k in ('stock-fp32', 'fast-fp32', 'fast-bf16')}
 

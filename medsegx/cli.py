@@ -19,7 +19,9 @@ from .errors import UserError, user_errors
 
 def _params(args: argparse.Namespace) -> None:
     from .model import count_parameters
-    from .model.build import apply_freeze_policy, build_sam256, model_config
+    from .model.build import build_sam256
+    from .model.config import model_config
+    from .model.freeze import apply_freeze_policy
 
     if args.model_type == "lite":
         from .model import build_model

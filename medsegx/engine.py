@@ -365,7 +365,7 @@ def fit(
 
         # purge_step drops events a killed run logged after its checkpoint
         writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=global_step + 1 if resume else None)
-    args_dict = plain_args(args)
+    args_dict = runtime.plain_args(args)
 
     def state(epoch: int, step: int, progress: EpochProgress | None) -> dict[str, Any]:
         """What a checkpoint holds; every rank calls it (RNG states and the partial loss are gathered)."""
@@ -444,14 +444,6 @@ def fit(
 
         plot_history(history_path, out_dir / "curves.png")
     return {"best": best, "global_step": global_step}
-
-
-def plain_args(args: Any) -> dict[str, Any]:
-    """Resolved arguments as plain data (what checkpoints and run_info.json store)."""
-    if args is None:
-        return {}
-    items = vars(args).items() if not isinstance(args, dict) else args.items()
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in items if not k.startswith("_")}
 
 
 def _truncate_history(path: Path, epochs: int) -> None:

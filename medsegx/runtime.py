@@ -249,11 +249,18 @@ def git_revision() -> str:
         return "unknown"
 
 
+def plain_args(args: Any) -> dict[str, Any]:
+    """Resolved arguments as plain data (what checkpoints and run_info.json store)."""
+    if args is None:
+        return {}
+    items = vars(args).items() if not isinstance(args, dict) else args.items()
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in items if not k.startswith("_")}
+
+
 def write_run_info(args: Any, output_dir: Path, **extra: Any) -> None:
     """The resolved arguments and the git revision beside the outputs (rank 0, atomically)."""
     if not is_main_process():
         return
-    from .engine import plain_args
     from .fileio import atomic_write_text
 
     info = {"args": plain_args(args), "git": git_revision(), "argv": sys.argv, "torch": torch.__version__,

@@ -12,8 +12,10 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Block
 
-from medsegx.model.build import apply_freeze_policy, build_sam256, model_config
+from medsegx.model.build import build_sam256
+from medsegx.model.config import model_config
 from medsegx.model.fast import fast_block_attention, stock_block_attention
+from medsegx.model.freeze import apply_freeze_policy
 
 REAL_SLICES = ("CHAOS/CT_Liver", "Kvasir-SEG/Endoscope_Polyp")
 

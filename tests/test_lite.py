@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from medsegx.model import build_model, check_all_trainable_used, save_checkpoint
-from medsegx.model.build import is_trainable_name, model_config
-from medsegx.model.lite import DEFAULT_ADAPTED_BLOCKS, LiteMedSegX, build_lite, lite_config, load_lite_medsam
+from medsegx.model.config import DEFAULT_ADAPTED_BLOCKS, lite_config, model_config
+from medsegx.model.freeze import is_trainable_name
+from medsegx.model.lite import LiteMedSegX, build_lite, load_lite_medsam
 
 pytestmark = pytest.mark.slow
 

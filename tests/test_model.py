@@ -156,7 +156,9 @@ def _vit_b_from_meta_layout():
         for blk in meta.image_encoder.blocks:
             blk.attn.rel_pos_h.normal_()
             blk.attn.rel_pos_w.normal_()
-    from medsegx.model.build import apply_freeze_policy, build_sam256, model_config
+    from medsegx.model.build import build_sam256
+    from medsegx.model.config import model_config
+    from medsegx.model.freeze import apply_freeze_policy
 
     model = build_sam256(model_config("vit_b"))
     load_sam_checkpoint(model, meta.state_dict())

@@ -125,7 +125,9 @@ def test_finetune_data_ratios_summary(real_db, tmp_path):
 
 
 def test_vit_b_training_step_on_cpu():
-    from medsegx.model.build import apply_freeze_policy, build_sam256, model_config
+    from medsegx.model.build import build_sam256
+    from medsegx.model.config import model_config
+    from medsegx.model.freeze import apply_freeze_policy
 
     torch.manual_seed(0)
     model = build_sam256(model_config("vit_b"))

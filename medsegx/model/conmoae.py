@@ -17,13 +17,13 @@ Parameter names follow the published checkpoint (``adapter_down.{e}``,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.taxonomy import NEUTRAL_ROW
+from ..data.taxonomy import NEUTRAL_ROW, load_taxonomy
 
 # Tree levels embedded for the organ gate: root, body part, subregion, organ.
 NUM_ORGAN_LEVELS = 4
@@ -186,16 +186,17 @@ class ConMoAE(nn.Module):
 class AdapterSpec:
     """The ConMoAE and context-table hyper-parameters, the same for every backbone.
 
-    Defaults are the paper's: E=4 experts, bottleneck 16, embedding dim D=16,
-    the published table sizes (10 modalities; root, 5 body parts, 12
-    subregions, 39 organs, 112 tasks).
+    Defaults are the paper's (E=4 experts, bottleneck 16, embedding dim D=16) with the table
+    sizes of the label tree (``taxonomy.json``: 10 modalities; root, 5 body parts, 12 subregions,
+    39 organs, 112 tasks). :meth:`medsegx.model.config.ModelConfig.adapter_spec` builds the one of a
+    model.
     """
 
     bottleneck_dim: int = 16
     embed_dim: int = 16
     num_experts: int = 4
-    num_modalities: int = 10
-    level_sizes: tuple[int, ...] = (1, 5, 12, 39, 112)
+    num_modalities: int = field(default_factory=lambda: load_taxonomy().num_modalities)
+    level_sizes: tuple[int, ...] = field(default_factory=lambda: load_taxonomy().organ_level_sizes)
     dropout: float = 0.1
     scale: float = 0.1
 

