@@ -6,21 +6,22 @@
 
 Writes internal/ID.md and internal/ID.csv beside the model weight (the published format), plus
 ID_details.md, a DSC box plot and a gallery of the worst slices.
+The same command: ``medsegx evaluate-internal``; the recipe: medsegx/recipes/evaluate.py.
 """
 from __future__ import annotations
 
-from medsegx import runtime
-from medsegx.args import eval_parser
-from medsegx.evaluation import run_evaluation
+from medsegx.cli import COMMANDS
+
+COMMAND = COMMANDS["evaluate-internal"]
 
 
 def get_args_parser():
-    return eval_parser("MedSegX internal (ID) evaluation", external=False)
+    return COMMAND.parser(prog="evaluate_internal.py")
 
 
-def main(args) -> None:
-    run_evaluation(args, external=False)
+def main(args):
+    return COMMAND.run(args)
 
 
 if __name__ == "__main__":
-    runtime.launch(main, get_args_parser().parse_args())
+    main(get_args_parser().parse_args())

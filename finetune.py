@@ -9,21 +9,22 @@ Every site and data ratio is its own run from the pre-trained weights, in
 <work_dir>/<task_name>/<shift_type>/<Task>/<Dataset>[/<Sequence>]/ratio_<r>/; the summary of
 zero-shot vs fine-tuned DSC per site and ratio is written to <work_dir>/<task_name>/<shift_type>/summary.md|csv.
 An interrupted fine-tuning continues with --continue (finished runs are kept).
+The same command: ``medsegx finetune``; the recipe: medsegx/recipes/finetune.py.
 """
 from __future__ import annotations
 
-from medsegx import runtime
-from medsegx.args import train_parser
-from medsegx.finetuning import run_finetuning
+from medsegx.cli import COMMANDS
+
+COMMAND = COMMANDS["finetune"]
 
 
 def get_args_parser():
-    return train_parser("Fine-tune MedSegX on out-of-distribution sites", finetune=True)
+    return COMMAND.parser(prog="finetune.py")
 
 
-def main(args) -> None:
-    run_finetuning(args)
+def main(args):
+    return COMMAND.run(args)
 
 
 if __name__ == "__main__":
-    runtime.launch(main, get_args_parser().parse_args())
+    main(get_args_parser().parse_args())

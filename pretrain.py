@@ -5,21 +5,22 @@
 
 Several --device_ids start one DDP worker per GPU; under torchrun the ranks come from torchrun.
 An interrupted run continues exactly with --continue (or --resume <run>/model_latest.pth).
+The same command: ``medsegx pretrain``; the recipe: medsegx/recipes/pretrain.py.
 """
 from __future__ import annotations
 
-from medsegx import runtime
-from medsegx.args import train_parser
-from medsegx.training import run_pretraining
+from medsegx.cli import COMMANDS
+
+COMMAND = COMMANDS["pretrain"]
 
 
 def get_args_parser():
-    return train_parser("Pre-train MedSegX on MedSegDB", finetune=False)
+    return COMMAND.parser(prog="pretrain.py")
 
 
-def main(args) -> None:
-    run_pretraining(args)
+def main(args):
+    return COMMAND.run(args)
 
 
 if __name__ == "__main__":
-    runtime.launch(main, get_args_parser().parse_args())
+    main(get_args_parser().parse_args())

@@ -15,7 +15,7 @@ Configurations (the first listed is the baseline of the ratios):
   fast-fp32  : (default flags)      medsegx.model.fast attention + batched experts, float32
   fast-bf16  : ``--use_amp --amp_dtype bfloat16``   the fast path under CPU bf16 autocast
 
-Data: a phantom MedSegDB ``eval/ID`` (medsegx.data.phantom.make_phantom_db, seed 0) of
+Data: a phantom MedSegDB ``eval/ID`` (medsegx.phantom.make_phantom_db, seed 0) of
 ``--n_slices`` slices spread over the 8 ID sets (7 tasks, MRI with 2 sequences), written once
 into a temporary folder, or ``--data`` (an existing ``eval/ID`` folder or MedSegDB root). Weights:
 no SAM file is needed; a random SAM ViT-B in Meta's 1024 layout
@@ -99,7 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def make_phantom_id(root: Path, n_slices: int) -> Path:
     """A phantom eval/ID of exactly ``n_slices`` slices; returns the eval/ID folder."""
-    from medsegx.data.phantom import make_phantom_db
+    from medsegx.phantom import make_phantom_db
 
     id_sets = 8  # 7 ID tasks, MRI_Prostate with T2 and ADC
     per_set = math.ceil(n_slices / id_sets)
@@ -236,7 +236,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> None:
                 "--output_dir", str(tmp / f"out-{key}"), *CONFIGS[key].flags, *args.extra]
 
     # Untimed warm-up: imports (page cache), the catalog index file, the SAM file read once.
-    warm = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import medsegx.evaluation, medsegx.reports; "
+    warm = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import medsegx.recipes.evaluate, medsegx.reports; "
             f"from medsegx.data.catalog import open_catalog; open_catalog({str(id_dir)!r})")
     subprocess.run([sys.executable, "-c", warm], env=env, check=True, cwd=ROOT, capture_output=True)
     if args.model_type == "vit_b":

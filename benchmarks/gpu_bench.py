@@ -1,6 +1,6 @@
 """The python half of benchmarks/gpu_check.sh: MedSegX ViT-B@256 on one NVIDIA GPU.
 
-Self-contained: writes a phantom MedSegDB (medsegx.data.phantom) and a random SAM ViT-B file in
+Self-contained: writes a phantom MedSegDB (medsegx.phantom) and a random SAM ViT-B file in
 Meta's layout (``SAM/sam_vit_b_01ec64.pth``; speed does not depend on the values) under
 ``--work``, then measures, writing ``<out>/gpu_results.md`` (and ``gpu_results.json``) after every
 part so a time-out keeps what was done:
@@ -105,7 +105,7 @@ def prepare(work: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
     """Phantom MedSegDB (train/ + eval/ID) and a random SAM ViT-B file; returns (db, SAM folder)."""
     from segment_anything import sam_model_registry
 
-    from medsegx.data.phantom import make_phantom_db
+    from medsegx.phantom import make_phantom_db
 
     db, sam = work / "db", work / "SAM"
     if not (db / "phantom.json").exists():

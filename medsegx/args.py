@@ -14,8 +14,9 @@ from .model import MODEL_TYPES
 SAM_DIR_DEFAULT = "./playground/SAM"
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default once, and only where there is one (not for None, False or empty lists)."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks (examples); shows a default once, and only where there is one
+    (not for None, False or empty lists)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
@@ -221,4 +222,79 @@ def train_parser(description: str, finetune: bool, prog: str | None = None) -> P
         p.add_argument("--max_train_slices", type=positive_int, default=None,
                        help="cap the training set (seeded subset; for smoke runs)")
     _runtime_group(p, batch_size=1024 if not finetune else 64)
+    return p
+
+
+PREPARE_DESCRIPTION = """Convert labelled volumes (NIfTI/NRRD/MHA, DICOM series) or 2-D image/mask pairs into MedSegDB.
+
+Examples:
+    # a training (ID) dataset with two tasks from one multi-label mask
+    python prepare_data.py --images raw/imagesTr --labels raw/labelsTr --modality CT \
+        --labels_map 1:Liver,2:LiverCancer --dataset MyHospital --out playground/MedSegDB/train
+
+    # a new OOD site, half of the cases for fine-tuning, MRI with a sequence level
+    python prepare_data.py --images 'raw/*_t2.nii.gz' --labels raw/masks --modality MRI \
+        --labels_map 1:Prostate --dataset SiteB --sequence T2 \
+        --out playground/MedSegDB/eval/OOD/cross_site --ood_site --finetune_fraction 0.5
+
+See medsegx/data/convert.py (and docs/PREPARE_DATA.md) for windows, layout and meta.json.
+"""
+
+
+def prepare_parser(prog: str | None = None) -> Parser:
+    from .data.convert import AXES, DEFAULT_PERCENTILES, WINDOW_PRESETS
+
+    parser = Parser(prog=prog, description=PREPARE_DESCRIPTION)
+    parser.add_argument("--images", required=True,
+                        help="folder or glob of images (NIfTI/NRRD/MHA/PNG/JPG files, DICOM series folders)")
+    parser.add_argument("--labels", required=True, help="folder of label files, paired with images by stem")
+    parser.add_argument("--modality", required=True, help="modality folder prefix, e.g. CT, MRI, US, Dermoscopy")
+    parser.add_argument("--labels_map", required=True,
+                        help="label value -> task, e.g. 1:Liver,2:LiverCancer (1+2:Kidney merges), or a .json")
+    parser.add_argument("--dataset", required=True, help="dataset (site) folder name")
+    parser.add_argument("--out", required=True,
+                        help="MedSegDB split root: .../MedSegDB/train, .../eval/ID or .../eval/OOD/cross_site")
+    parser.add_argument("--sequence", default=None, help="sequence level under the task, e.g. T2, ADC")
+    parser.add_argument("--ood_site", action="store_true",
+                        help="write the OOD layout Modality_Task/Dataset/[Sequence]/finetune|inference")
+    parser.add_argument("--finetune_fraction", type=_number(float, 0.0, 1.0, what="a fraction in [0, 1]"), default=0.5,
+                        help="fraction of cases put in finetune/ for --ood_site (0: all in inference/)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-case OOD split")
+    parser.add_argument("--window", default=None,
+                        help=f"CT window 'level,width' or a preset {sorted(WINDOW_PRESETS)}; default per task")
+    parser.add_argument("--percentiles", default=",".join(str(p) for p in DEFAULT_PERCENTILES),
+                        help="clipping percentiles for non-CT modalities")
+    parser.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
+    parser.add_argument("--keep_empty", action="store_true", help="also write slices without foreground")
+    parser.add_argument("--min_pixels", type=positive_int, default=1,
+                        help="minimum foreground pixels on the 256 grid for a slice to be kept")
+    parser.add_argument("--orient", default="LPS", choices=("LPS", "none"),
+                        help="re-order volumes to LPS before slicing, or keep the stored order")
+    parser.add_argument("--case_ids", default="stem", choices=("stem", "index"),
+                        help="case id from the file stem or a zero-padded index")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad case instead of skipping it")
+    parser.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        type=str.upper, help="how much to log")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of user errors too")
+    return parser
+
+
+def params_parser(prog: str | None = None) -> Parser:
+    p = Parser(prog=prog, description="Trainable parameters of a model type, by part (no checkpoint needed).")
+    p.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES, help="the backbone")
+    p.add_argument("--train_iou_head", action="store_true", help="count the IoU head as trainable")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of user errors too")
+    return p
+
+
+def compare_parser(prog: str | None = None) -> Parser:
+    p = Parser(prog=prog, description="Mean DSC per task of two published-format report CSVs over the same "
+                                      "slices (e.g. zero-shot vs trained), as a Markdown table.")
+    p.add_argument("a", help="the first report CSV (File,DSC,HD)")
+    p.add_argument("b", help="the second report CSV")
+    p.add_argument("--labels", nargs=2, default=["A", "B"], metavar=("A", "B"), help="column names of the two")
+    p.add_argument("--external", action="store_true", help="rows are Task/Dataset/.. (external reports)")
+    p.add_argument("--title", default=None, help="a Markdown title for --out")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of user errors too")
     return p

@@ -1,96 +1,93 @@
-"""``medsegx`` command: small tools around the scripts.
+"""The ``medsegx`` command (also ``python -m medsegx``): every entry point as a verb.
 
-    medsegx params --model_type vit_b            trainable parameters by part (no checkpoint needed)
-    medsegx compare A.csv B.csv --labels zero-shot ConMoAE [--out table.md]
-                                                 per-task DSC of two published-format reports
+    medsegx pretrain ...            = python pretrain.py ...
+    medsegx finetune ...            = python finetune.py ...
+    medsegx evaluate-internal ...   = python evaluate_internal.py ...
+    medsegx evaluate-external ...   = python evaluate_external.py ...
+    medsegx prepare ...             = python prepare_data.py ...
+    medsegx params --model_type vit_b
+    medsegx compare A.csv B.csv --labels zero-shot ConMoAE
+
+Each verb is a parser (``medsegx.args``, no torch: ``--help`` is instant) and a recipe
+(``medsegx.recipes``, imported only when the command runs). The top-level scripts are thin shims
+over the same commands.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import importlib
 import sys
-from collections import defaultdict
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
-
-from .errors import UserError, user_errors
-
-
-def _params(args: argparse.Namespace) -> None:
-    from .model import count_parameters
-    from .model.build import build_sam256
-    from .model.config import model_config
-    from .model.freeze import apply_freeze_policy
-
-    if args.model_type == "lite":
-        from .model import build_model
-
-        model = build_model("lite")
-    else:
-        model = build_sam256(model_config(args.model_type))
-        apply_freeze_policy(model, train_iou_head=args.train_iou_head)
-    counts = count_parameters(model)
-    print(f"{args.model_type}: trainable parameters by part")
-    for key in ("adapters", "context_embeddings", "mask_decoder", "trainable", "frozen", "total"):
-        if key in counts:
-            print(f"  {key:<20} {counts[key]:>13,}")
+from . import args as cli_args
+from .errors import user_errors
 
 
-def task_of(file_key: str, external: bool) -> str:
-    """The task of a report row: ``Dataset/Task/..`` (ID) or ``Task/Dataset/..`` (external)."""
-    parts = file_key.split("/")
-    return parts[0] if external else parts[1]
+@dataclass(frozen=True)
+class Command:
+    """One entry point: its parser and the recipe that runs it (``module:function``)."""
+
+    name: str
+    help: str
+    make_parser: Callable[[str | None], argparse.ArgumentParser]
+    recipe: str
+    script: str | None = None  # the paper's top-level script, if there is one
+    distributed: bool = False  # runs through runtime.launch (DDP workers, torchrun)
+
+    def parser(self, prog: str | None = None) -> argparse.ArgumentParser:
+        return self.make_parser(prog or f"medsegx {self.name}")
+
+    def run(self, args: argparse.Namespace) -> Any:
+        """Run the recipe on parsed ``args``; user errors end it with ``error: ...`` and status 2."""
+        module, function = self.recipe.split(":")
+        with user_errors(args):
+            recipe = getattr(importlib.import_module(module), function)
+            if not self.distributed:
+                return recipe(args)
+            from .runtime import launch
+
+        return launch(recipe, args)
 
 
-def read_report_csv(path: Path) -> dict[str, float]:
-    with path.open() as f:
-        return {row["File"]: float(row["DSC"]) for row in csv.DictReader(f)}
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("pretrain", "pre-train ConMoAE on MedSegDB's train/ split",
+            lambda prog: cli_args.train_parser("Pre-train MedSegX on MedSegDB", finetune=False, prog=prog),
+            "medsegx.recipes.pretrain:run", "pretrain.py", distributed=True),
+    Command("finetune", "fine-tune on each OOD site (and data ratio)",
+            lambda prog: cli_args.train_parser("Fine-tune MedSegX on out-of-distribution sites", finetune=True,
+                                               prog=prog),
+            "medsegx.recipes.finetune:run", "finetune.py", distributed=True),
+    Command("evaluate-internal", "the paper's ID evaluation (eval/ID)",
+            lambda prog: cli_args.eval_parser("MedSegX internal (ID) evaluation", external=False, prog=prog),
+            "medsegx.recipes.evaluate:run_internal", "evaluate_internal.py", distributed=True),
+    Command("evaluate-external", "the paper's OOD / RealWorld evaluation",
+            lambda prog: cli_args.eval_parser("MedSegX external (OOD / RealWorld) evaluation", external=True,
+                                              prog=prog),
+            "medsegx.recipes.evaluate:run_external", "evaluate_external.py", distributed=True),
+    Command("prepare", "convert NIfTI / NRRD / MHA / DICOM / PNG data into MedSegDB slices",
+            cli_args.prepare_parser, "medsegx.recipes.prepare:run", "prepare_data.py"),
+    Command("params", "trainable parameters of a model type, by part", cli_args.params_parser,
+            "medsegx.recipes.tools:params"),
+    Command("compare", "per-task DSC of two report CSVs", cli_args.compare_parser, "medsegx.recipes.tools:compare"),
+)}
 
 
-def compare_reports(a: Path, b: Path, labels: tuple[str, str], external: bool) -> str:
-    """Markdown table of mean DSC per task for two reports over the same slices."""
-    da, db = read_report_csv(a), read_report_csv(b)
-    common = sorted(set(da) & set(db))
-    if not common:
-        raise UserError(f"{a} and {b} share no slice")
-    per_task: dict[str, list[str]] = defaultdict(list)
-    for key in common:
-        per_task[task_of(key, external)].append(key)
-    lines = [f"| task | N | {labels[0]} DSC | {labels[1]} DSC | change |", "|---|---|---|---|---|"]
-    for task, keys in sorted(per_task.items()) + [("ALL (mean over slices)", common)]:
-        ma, mb = np.mean([da[k] for k in keys]), np.mean([db[k] for k in keys])
-        lines.append(f"| {task} | {len(keys)} | {ma:.4f} | {mb:.4f} | {mb - ma:+.4f} |")
-    return "\n".join(lines) + "\n"
-
-
-def _compare(args: argparse.Namespace) -> None:
-    table = compare_reports(Path(args.a), Path(args.b), tuple(args.labels), args.external)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text((f"# {args.title}\n\n" if args.title else "") + table, encoding="utf-8")
-    sys.stdout.write(table)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="medsegx", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("params", help="trainable parameter count of a model type")
-    p.add_argument("--model_type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_tiny", "lite"])
-    p.add_argument("--train_iou_head", action="store_true")
-    p.set_defaults(func=_params)
-    c = sub.add_parser("compare", help="per-task DSC of two report CSVs")
-    c.add_argument("a")
-    c.add_argument("b")
-    c.add_argument("--labels", nargs=2, default=["A", "B"])
-    c.add_argument("--external", action="store_true", help="rows are Task/Dataset/.. (external reports)")
-    c.add_argument("--title", default=None)
-    c.add_argument("--out", default=None)
-    c.set_defaults(func=_compare)
-    args = parser.parse_args(argv)
-    with user_errors(args):
-        args.func(args)
+def main(argv: Sequence[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbs = "\n".join(f"  {c.name:<19} {c.help}" for c in COMMANDS.values())
+    top = argparse.ArgumentParser(prog="medsegx", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  description="MedSegX: a generalist foundation model for open-world medical image "
+                                              "segmentation.", epilog=f"commands:\n{verbs}\n\n"
+                                              "'medsegx <command> --help' describes each command.")
+    top.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of the commands below")
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return None
+    command = top.parse_args(argv[:1]).command
+    cmd = COMMANDS[command]
+    return cmd.run(cmd.parser().parse_args(argv[1:]))
 
 
 if __name__ == "__main__":

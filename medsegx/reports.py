@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from .data.layout import TASK_POSITION, case_and_slice, task_of
+from .errors import UserError
 from .fileio import atomic_write, atomic_write_set
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = {"internal": 1, "external": 0}  # position of the task in a result's group path
-_CASE_RE = re.compile(r"casenum_(.+?)_sliceid_")
 
 
 @dataclass
@@ -81,9 +82,7 @@ class SliceResult:
         if not self.group:
             raise ValueError(f"result {self.name!r}: no group (pass group= or a name with folders)")
         if self.case is None:
-            base = self.name.rsplit("/", 1)[-1]
-            m = _CASE_RE.search(base)
-            self.case = m.group(1) if m else base.rsplit(".", 1)[0]
+            self.case = case_and_slice(self.name.rsplit("/", 1)[-1])[0]
         if self.dsc_oracle is None and self.select == "oracle":
             self.dsc_oracle = self.dsc
 
@@ -97,11 +96,6 @@ def internal_title() -> str:
 def external_title(shift_type: str) -> str:
     """``shift_type`` is ``cross_site`` or ``cross_task``."""
     return f"external {shift_type} evaluation"
-
-
-def external_stem(split: str, shift_type: str) -> str:
-    """``("OOD", "cross_site") -> "OOD-site"`` (the published file name)."""
-    return f"{split}-{shift_type.split('_')[-1]}"
 
 
 # ----------------------------------------------------------------------------- published files
@@ -205,8 +199,7 @@ def read_published_csv(path: str | Path) -> list[SliceResult]:
 # ----------------------------------------------------------------------------- details
 
 def _task_of(r: SliceResult, layout: str) -> str:
-    level = LAYOUTS[layout]
-    return r.group[min(level, len(r.group) - 1)]
+    return task_of(r.group, layout)
 
 
 def _stats(values: Iterable[float | None]) -> tuple[int, float, float]:
@@ -256,8 +249,8 @@ def worst_results(results: Sequence[SliceResult], k: int = 12) -> list[SliceResu
 def format_details_md(results: Sequence[SliceResult], title: str, layout: str = "internal",
                       worst: int = 20) -> str:
     """Extra statistics beside the published summary (see the module docstring)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    if layout not in TASK_POSITION:
+        raise ValueError(f"layout must be one of {list(TASK_POSITION)}, got {layout!r}")
     scored = _scored(results)
     skipped = [r for r in results if r.skipped is not None]
     cases = case_dsc(results)
@@ -290,9 +283,8 @@ def format_details_md(results: Sequence[SliceResult], title: str, layout: str = 
     by_task: dict[str, list[SliceResult]] = {}
     for r in scored:
         by_task.setdefault(_task_of(r, layout), []).append(r)
-    level = LAYOUTS[layout]
     for task, rs in by_task.items():
-        cs = [c for c in cases if c["group"][min(level, len(c["group"]) - 1)] == task]
+        cs = [c for c in cases if task_of(c["group"], layout) == task]
         lines.append(row(task, rs, cs))
     lines.append(row("ALL", scored, cases))
     lines += ["", "## Per group (as in the summary)", "", header.format("group"), sep]
@@ -370,18 +362,34 @@ def _display_image(image: np.ndarray) -> np.ndarray:
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 
+def _fit_title(text: str, width: int = 46) -> str:
+    """A title that fits its panel: wrapped at '/' and spaces, a too-long piece shortened in the middle."""
+    parts, line, lines = re.split(r"(?<=/)|(?<= )", text), "", []
+    for part in parts:
+        if len(part) > width:
+            part = part[: width // 2 - 1] + "…" + part[-(width // 2 - 1):]
+        if len(line) + len(part) > width and line:
+            lines.append(line)
+            line = ""
+        line += part
+    return "\n".join(lines + [line])
+
+
 def plot_gallery(samples: Sequence[dict[str, Any]], path: str | Path | None) -> Path | Any:
-    """PNG gallery, one row per sample: image, label overlay, prediction overlay.
+    """PNG gallery, one row per sample: the image, the label (green) and the prediction (red) over it.
 
     Each sample: ``{"title": str, "image": H x W [x 3] or 3 x H x W, "label": H x W, "pred": H x W}``
-    (e.g. the worst slices from :func:`worst_results`, arrays fetched by ``index``).
+    (e.g. the worst slices from :func:`worst_results`, arrays fetched by ``index``). The prediction
+    panel also outlines the label, so misses and false positives read at a glance.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     n = max(1, len(samples))
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 3, figsize=(9.5, 3.6 * n + 0.5), squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for row, s in enumerate(samples):
@@ -397,10 +405,12 @@ def plot_gallery(samples: Sequence[dict[str, Any]], path: str | Path | None) -> 
                 overlay = np.zeros(mask.shape + (4,))
                 overlay[mask] = (*color, 0.45)
                 ax.imshow(overlay)
-                if col == 2:
+                if col == 2 and label.any():
                     ax.contour(label, levels=[0.5], colors=["lime"], linewidths=0.8)
-            ax.set_title(f"{s.get('title', '')}\n{name}" if col == 0 else name, fontsize=8)
-    fig.tight_layout()
+            ax.set_title(_fit_title(s.get("title", "")) + f"\n{name}" if col == 0 else name, fontsize=7, loc="left")
+    fig.legend(handles=[Patch(color=(0, 1, 0, 0.45), label="label"), Patch(color=(1, 0, 0, 0.45), label="prediction"),
+                        Line2D([], [], color="lime", lw=1, label="label outline")],
+               loc="outside upper center", ncol=3, fontsize=8, frameon=False)
     return _finish_figure(fig, path, dpi=80)
 
 
@@ -450,22 +460,61 @@ def write_report(results: Sequence[SliceResult], out_dir: str | Path, stem: str,
 
 
 def plot_history(history_path: Path, out_png: Path) -> None:
-    """Loss and validation DSC curves of a run (``history.jsonl``), as PNG."""
+    """Loss and validation DSC curves of a run (``history.jsonl``), as PNG, with whole-epoch ticks."""
     if not history_path.exists():
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    epochs = [r["epoch"] for r in rows]
+    if not rows:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].plot(epochs, [r["loss"] for r in rows], marker="o")
-    axes[0].set(xlabel="epoch", ylabel="training loss (Dice+BCE)", title="loss")
-    val = [(r["epoch"], r["val_dsc"]) for r in rows if "val_dsc" in r]
-    if val:
-        axes[1].plot(*zip(*val), marker="o", color="tab:green")
-    axes[1].set(xlabel="epoch", ylabel="validation DSC", title="validation DSC")
+    series = [([(r["epoch"], r["loss"]) for r in rows], "training loss (Dice+BCE)", "loss", "tab:blue"),
+              ([(r["epoch"], r["val_dsc"]) for r in rows if "val_dsc" in r], "validation DSC", "validation DSC",
+               "tab:green")]
+    for ax, (points, ylabel, title, color) in zip(axes, series):
+        if points:
+            epochs, values = zip(*points)
+            ax.plot(epochs, values, marker="o", color=color)
+            ax.annotate(f"{values[-1]:.4f}", (epochs[-1], values[-1]), textcoords="offset points", xytext=(4, 6),
+                        fontsize=8)
+            lo, hi = min(values), max(values)
+            pad = max(0.05 * (hi - lo), 0.02 * max(abs(hi), 1e-3))
+            ax.set_ylim(lo - pad, hi + pad)  # one point: a narrow band, not matplotlib's default +-4% ticks
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        else:
+            ax.text(0.5, 0.5, "no validation", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     fig.tight_layout()
     _finish_figure(fig, out_png, dpi=100)
+
+
+# ----------------------------------------------------------------------------- comparing two reports
+
+def _read_dsc_column(path: Path) -> dict[str, float]:
+    """``File -> DSC`` of a published-format report CSV."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: report not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["File"]: float(row["DSC"] or "nan") for row in csv.DictReader(f)}
+
+
+def compare_reports(a: Path, b: Path, labels: tuple[str, str], external: bool) -> str:
+    """Markdown table of mean DSC per task for two reports over the same slices."""
+    da, db = _read_dsc_column(a), _read_dsc_column(b)
+    common = sorted(set(da) & set(db))
+    if not common:
+        raise UserError(f"{a} and {b} share no slice")
+    per_task: dict[str, list[str]] = defaultdict(list)
+    for key in common:
+        per_task[task_of(key, "external" if external else "internal")].append(key)
+    lines = [f"| task | N | {labels[0]} DSC | {labels[1]} DSC | change |", "|---|---|---|---|---|"]
+    for task, keys in sorted(per_task.items()) + [("ALL (mean over slices)", common)]:
+        ma, mb = np.mean([da[k] for k in keys]), np.mean([db[k] for k in keys])
+        lines.append(f"| {task} | {len(keys)} | {ma:.4f} | {mb:.4f} | {mb - ma:+.4f} |")
+    return "\n".join(lines) + "\n"

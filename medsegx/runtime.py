@@ -257,15 +257,16 @@ def plain_args(args: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in items if not k.startswith("_")}
 
 
-def write_run_info(args: Any, output_dir: Path, **extra: Any) -> None:
-    """The resolved arguments and the git revision beside the outputs (rank 0, atomically)."""
+def write_run_info(args: Any, output_dir: Path, name: str = "run_info.json", **extra: Any) -> None:
+    """The resolved arguments and the git revision beside the outputs (rank 0, atomically), as
+    ``output_dir/name``: every run describes itself (STYLE.md), evaluations and fine-tuning sites too."""
     if not is_main_process():
         return
     from .fileio import atomic_write_text
 
     info = {"args": plain_args(args), "git": git_revision(), "argv": sys.argv, "torch": torch.__version__,
             "world_size": _DIST.world_size, "device": str(_DIST.device), **extra}
-    atomic_write_text(Path(output_dir) / "run_info.json", json.dumps(info, indent=2, default=str))
+    atomic_write_text(Path(output_dir) / name, json.dumps(info, indent=2, default=str))
 
 
 def setup(args: Any, output_dir: Path | None) -> DistInfo:

@@ -4,6 +4,7 @@
 # Offline it fails fast, saying what to copy where.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_help.sh
 mkdir -p playground/SAM playground/MedSegX
 
 fetch() {  # url dest: download to a .part file, keep it only if complete and not an HTML error page

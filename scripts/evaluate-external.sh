@@ -3,6 +3,7 @@
 #   bash scripts/evaluate-external.sh OOD|RealWorld [extra evaluate_external.py flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+HELP_PYTHON=evaluate_external.py source scripts/_help.sh
 source scripts/_python.sh
 split=${1:?usage: evaluate-external.sh OOD|RealWorld [flags]}
 shift

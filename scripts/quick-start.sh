@@ -10,6 +10,7 @@
 # Environment knobs: QUICKSTART_EPOCHS (default 4), QUICKSTART_THREADS (default: all cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_help.sh
 bash scripts/setup-env.sh
 PY=${MEDSEGX_VENV:-.venv}/bin/python
 PG=playground
@@ -42,7 +43,7 @@ else
     DB=$PG/MedSegDB-phantom
     if [ ! -d $DB/train ]; then
         echo "[quick-start] data: generating a phantom MedSegDB in $DB (CT, MRI, ultrasound, dermoscopy, fundus)"
-        $PY -m medsegx.data.phantom --out $DB --n 6 --n_eval 3 --n_ood 3 \
+        $PY -m medsegx.phantom --out $DB --n 6 --n_eval 3 --n_ood 3 \
             --tasks CT_Liver,US_BreastCancer,Dermoscopy_Skin,Fundus_RetinalVessel,US_FetalHead
     fi
 fi
@@ -75,11 +76,11 @@ OUT=$RUN/summary.md
     echo
     echo "## ID (eval/ID)"
     echo
-    $PY -m medsegx.cli compare $ZERO/internal/ID.csv $WORK/lite-conmoae/internal/ID.csv --labels zero-shot ConMoAE
+    $PY -m medsegx compare $ZERO/internal/ID.csv $WORK/lite-conmoae/internal/ID.csv --labels zero-shot ConMoAE
     echo
     echo "## OOD cross-task (eval/OOD/cross_task, inference/)"
     echo
-    $PY -m medsegx.cli compare $ZERO/external/OOD-task.csv $WORK/lite-conmoae/external/OOD-task.csv \
+    $PY -m medsegx compare $ZERO/external/OOD-task.csv $WORK/lite-conmoae/external/OOD-task.csv \
         --labels zero-shot ConMoAE --external
 } > $OUT
 cat $OUT

@@ -8,6 +8,7 @@
 #    (checkpoint picked on 20% of HC18's finetune/ cases, scored on its inference/ slices).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_help.sh
 bash scripts/setup-env.sh
 PY=${MEDSEGX_VENV:-.venv}/bin/python
 DB=${1:-../shared/data/MedSegDB-real}
@@ -34,9 +35,9 @@ $PY finetune.py "${COMMON[@]}" --data_path $DB/eval/OOD --shift_type cross_task 
     --resume $OUT/pretrain/model_latest.pth --data_ratio 0.5 1.0 --num_epochs ${FT_EPOCHS:-8} --batch_size 4 \
     --lr 1e-4 --prefix_cache --work_dir $OUT --task_name finetune
 
-$PY -m medsegx.cli compare $OUT/zero-shot/internal/ID.csv $OUT/pretrain/internal/ID.csv \
+$PY -m medsegx compare $OUT/zero-shot/internal/ID.csv $OUT/pretrain/internal/ID.csv \
     --labels "zero-shot LiteMedSAM" "LiteMedSAM + ConMoAE" --title "eval/ID, oracle selection" --out $OUT/id_table.md
-$PY -m medsegx.cli compare $OUT/zero-shot/external/OOD-task.csv $OUT/pretrain/external/OOD-task.csv --external \
+$PY -m medsegx compare $OUT/zero-shot/external/OOD-task.csv $OUT/pretrain/external/OOD-task.csv --external \
     --labels "zero-shot LiteMedSAM" "LiteMedSAM + ConMoAE" --title "eval/OOD cross_task (inference/), oracle selection" \
     --out $OUT/ood_table.md
 cat $OUT/id_table.md $OUT/ood_table.md $OUT/finetune/cross_task/summary.md

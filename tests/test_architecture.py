@@ -3,9 +3,6 @@ and --help of every entry point imports no torch."""
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

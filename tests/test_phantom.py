@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medsegx.data import phantom as ph
+from medsegx import phantom as ph
 
 SMALL = dict(n_train_per_task=3, n_eval_per_task=2, n_ood_per_site=2, slices_per_case=2)
 

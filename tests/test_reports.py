@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
+from medsegx.data.layout import external_stem
 from medsegx.reports import (
     SliceResult,
     case_dsc,
-    external_stem,
     external_title,
     format_details_md,
     format_slices_csv,

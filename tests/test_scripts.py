@@ -18,6 +18,8 @@ LAUNCHERS = {
     "finetune-task.sh": "finetune.py",
     "evaluate-id.sh": "evaluate_internal.py",
     "evaluate-ood.sh": "evaluate_external.py",
+    "evaluate-external.sh": "evaluate_external.py",
+    "pretrain-multinode.sh": "pretrain.py",
 }
 
 
@@ -35,3 +37,35 @@ def test_launcher_runs_its_script_with_the_given_python(launcher):
                           cwd="/", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"usage: {LAUNCHERS[launcher]}" in proc.stdout
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if not s.name.startswith("_")], ids=lambda p: p.name)
+def test_every_script_answers_help_without_working(script, tmp_path):
+    """--help prints the script's usage and exits 0: no set-up, no download, no job (run from a copy of the
+    repository's scripts, so any work would show up there)."""
+    env = dict(os.environ, MEDSEGX_PYTHON=sys.executable, MEDSEGX_VENV=str(tmp_path / "no-venv"))
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"usage: bash scripts/{script.name}") or "usage: bash scripts/" in proc.stdout
+    assert not (tmp_path / "no-venv").exists()  # setup-env.sh did not run
+    assert "Traceback" not in proc.stderr
+
+
+def test_readme_lists_every_command():
+    """The README's Install section names exactly the registered commands."""
+    from medsegx.cli import COMMANDS
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Install"):readme.index("## Where things go")]
+    listed = {line.split()[1] for line in section.splitlines() if line.startswith("medsegx ")}
+    assert listed == set(COMMANDS)
+
+
+@pytest.mark.parametrize("how", [["-m", "medsegx"], ["pretrain.py"]])
+def test_help_is_instant_and_loads_no_torch(how):
+    """--help of the commands and the shims imports no torch (python -X importtime shows none)."""
+    argv = [sys.executable, "-X", "importtime", *how, *(["pretrain"] if how[0] == "-m" else []), "--help"]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}

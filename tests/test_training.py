@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medsegx.losses import medsegx_loss, per_output_loss
-from medsegx.training import batch_plan
+from medsegx.recipes.common import batch_plan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model_type", "vit_tiny", "--device_ids", "--num_workers", "0", "--threads", "1"]
@@ -144,3 +144,42 @@ def test_vit_b_training_step_on_cpu():
     before = model.mask_decoder.mask_tokens.weight.detach().clone()
     opt.step()
     assert torch.isfinite(loss) and not torch.equal(before, model.mask_decoder.mask_tokens.weight)
+
+
+@pytest.mark.parametrize("val_after, kept", [(0.70, "start"), (0.90, "fine-tuned")])
+def test_finetune_ships_the_better_of_start_and_finetuned(tmp_path, monkeypatch, val_after, kept):
+    """model_final.pth is the fine-tuned model only when the site's validation split says it is better."""
+    import argparse
+
+    from medsegx.model.build import build_model
+    from medsegx.model.checkpoint import checkpoint_state, save_checkpoint
+    from medsegx.recipes import finetune as ft
+
+    start_model, tuned_model = build_model("vit_tiny"), build_model("vit_tiny")
+    with torch.no_grad():
+        tuned_model.mask_decoder.mask_tokens.weight.add_(1.0)
+    init = checkpoint_state(start_model)
+    trained = tmp_path / "run" / "model_best.pth"
+    save_checkpoint(trained, tuned_model)
+    scores = {("test", "start"): 0.60, ("test", "tuned"): 0.65, ("test", None): 0.50,
+              ("val", "start"): 0.80, ("val", "tuned"): val_after}
+
+    def fake_score(args, records, weights):
+        who = None if weights is None else ("start" if weights is init else "tuned")
+        return {"dsc": scores[(records, who)], "dsc_iou": scores[(records, who)], "n": 3}
+
+    class Pool:
+        def subset(self, ratio, seed):
+            return [0, 1]
+
+    monkeypatch.setattr(ft, "_score", fake_score)
+    monkeypatch.setattr(ft, "train_run", lambda *a, **k: {"files": {"best": trained, "latest": trained}})
+    args = argparse.Namespace(data_ratio=[1.0], resume_run=False, seed=0)
+    plan = {"site": "T/D", "key": ("T", "D"), "test": "test", "val": "val", "train_pool": Pool()}
+    (row,) = ft._finetune_site(args, plan, init, tmp_path / "out")
+    assert row["kept"] == kept and row["finetuned_dsc"] == 0.65 and row["zero_shot_dsc"] == 0.60
+    assert row["final_dsc"] == (0.60 if kept == "start" else 0.65) and row["backbone_dsc"] == 0.50
+    final = torch.load(row["checkpoint"], weights_only=True)["model"]
+    expected = (start_model if kept == "start" else tuned_model).mask_decoder.mask_tokens.weight
+    torch.testing.assert_close(final["mask_decoder.mask_tokens.weight"], expected.detach())
+    assert ("starting weights are kept" in row["why"]) == (kept == "start")

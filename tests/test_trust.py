@@ -227,8 +227,8 @@ def test_finetune_scores_only_its_own_checkpoints(real_db, tmp_path):
     _user_error(_run(common), "already holds", "--overwrite")
     _ok([*common, "--overwrite"])
     result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
-    chosen = Path(result["checkpoint"])
-    assert chosen.parent == run_dir
+    chosen = Path(result["trained_checkpoint"])
+    assert chosen.parent == run_dir and Path(result["checkpoint"]) == run_dir / "model_final.pth"
     manifest = json.loads((run_dir / "checkpoints.json").read_text(encoding="utf-8"))
     assert chosen.name in {entry["file"] for entry in manifest["files"].values()}
     torch.load(chosen, weights_only=True)  # this run's file, not the stale bytes

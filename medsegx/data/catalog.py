@@ -34,16 +34,23 @@ from typing import overload
 
 import numpy as np
 
+from medsegx.data.layout import (
+    EVAL,
+    EXTERNAL_SPLITS,
+    ID,
+    IMAGES_DIR,
+    MASKS_DIR,
+    SHIFT_TYPES,
+    SUBSETS,
+    TRAIN,
+    case_and_slice,
+    group_key,
+)
 from medsegx.data.taxonomy import Context, Taxonomy, TaxonomyError, load_taxonomy
 from medsegx.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
-IMAGES_DIR = "npy_imgs"
-MASKS_DIR = "npy_gts"
-SUBSETS = ("finetune", "inference")
-SHIFT_TYPES = ("cross_site", "cross_task")
-EXTERNAL_SPLITS = ("OOD", "RealWorld")
 # Bump when the checks or the cached fields change: older caches are then rebuilt.
 INDEX_FORMAT = 2
 
@@ -59,7 +66,6 @@ EMPTY_MASK = "empty_mask"  # no foreground: a box prompt needs a target
 LAYOUT = "layout"  # a folder that does not fit the MedSegDB layout
 UNKNOWN_MODALITY = "unknown_modality"  # task folder whose modality is not in the taxonomy
 
-_CASE_SLICE = re.compile(r"^casenum_(?P<case>.+)_sliceid_(?P<slice>[^_]+)\.npy$")
 
 
 class DataError(ValueError):
@@ -179,7 +185,7 @@ def find_split_roots(path: str | Path, shift_type: str | None = None, *,
         return [SplitRoot(base / s, f"{prefix}/{s}", "external") for s in shifts if (base / s).is_dir()]
 
     def evaluation(base: Path) -> list[SplitRoot]:
-        found = [] if shift_type or not (base / "ID").is_dir() else [SplitRoot(base / "ID", "ID", "id")]
+        found = [] if shift_type or not (base / ID).is_dir() else [SplitRoot(base / ID, ID, "id")]
         for name in EXTERNAL_SPLITS:
             if (base / name).is_dir():
                 found += external(base / name, name)
@@ -194,12 +200,12 @@ def find_split_roots(path: str | Path, shift_type: str | None = None, *,
         found = [SplitRoot(root, f"{root.parent.name}/{root.name}", "external")]
     elif root.name in EXTERNAL_SPLITS or children & set(SHIFT_TYPES):
         found = external(root, root.name)
-    elif "train" in children or "eval" in children:
-        found = [] if shift_type or "train" not in children else [SplitRoot(root / "train", "train", "id")]
-        found += evaluation(root / "eval") if "eval" in children else []
-    elif root.name == "eval" or children & {"ID", *EXTERNAL_SPLITS}:
+    elif TRAIN in children or EVAL in children:
+        found = [] if shift_type or TRAIN not in children else [SplitRoot(root / TRAIN, TRAIN, "id")]
+        found += evaluation(root / EVAL) if EVAL in children else []
+    elif root.name == EVAL or children & {ID, *EXTERNAL_SPLITS}:
         found = evaluation(root)
-    elif root.name in ("train", "ID"):
+    elif root.name in (TRAIN, ID):
         found = [SplitRoot(root, root.name, "id")]
     else:
         found = [_inside_split(root) or SplitRoot(root, root.name, "auto")]
@@ -214,7 +220,7 @@ def _inside_split(path: Path) -> SplitRoot | None:
     """A path below a split root (e.g. one dataset of train/): that root, walked from ``path`` only."""
     for depth, parent in enumerate(path.parents):
         within = path.parts[len(path.parts) - depth - 1:]
-        if parent.name in ("train", "ID"):
+        if parent.name in (TRAIN, ID):
             return SplitRoot(parent, parent.name, "id", within)
         if parent.name in SHIFT_TYPES:
             return SplitRoot(parent, f"{parent.parent.name}/{parent.name}", "external", within)
@@ -591,8 +597,7 @@ class Catalog(Sequence[SliceRecord]):
         j = int(self._idx[i])
         folder = self._folders[self._leaf_of[j]]
         file_name = self._blob[self._offsets[j]:self._offsets[j + 1]].decode("utf-8")
-        match = _CASE_SLICE.match(file_name)
-        case_id, slice_id = (match["case"], match["slice"]) if match else (file_name[:-4], None)
+        case_id, slice_id = case_and_slice(file_name)
         base = os.path.join(folder.root, folder.rel)
         ctx = folder.context
         return SliceRecord(
@@ -666,8 +671,7 @@ class Catalog(Sequence[SliceRecord]):
         keys = []
         for j in self._idx.tolist():
             name = self._blob[self._offsets[j]:self._offsets[j + 1]].decode("utf-8")
-            match = _CASE_SLICE.match(name)
-            keys.append((self._folders[self._leaf_of[j]].dataset, match["case"] if match else name[:-4]))
+            keys.append((self._folders[self._leaf_of[j]].dataset, case_and_slice(name)[0]))
         return keys
 
     def _shuffled_cases(self, seed: int) -> tuple[list[tuple[str, str]], dict[str, list[tuple[str, str]]]]:
@@ -725,10 +729,7 @@ def _folder_for(root: SplitRoot, rel: str, taxonomy: Taxonomy) -> Folder:
     parts = tuple(rel.split("/")) if rel else ()
     dataset, task_folder, sequence, subset = _parse_folder(parts, root.layout)
     context = taxonomy.context(task_folder)
-    is_external = subset is not None
-    key = (task_folder, dataset) if is_external else (dataset, task_folder)
-    if sequence:
-        key += (sequence,)
+    key = group_key(dataset, task_folder, sequence, external=subset is not None)
     return Folder(str(root.path), rel, root.split, dataset, task_folder, sequence, subset, context, key)
 
 

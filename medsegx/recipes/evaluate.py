@@ -1,4 +1,4 @@
-"""Wiring of evaluate_internal.py and evaluate_external.py: which slices, which model, which reports.
+"""Evaluation (evaluate_internal.py / evaluate_external.py, ``medsegx evaluate-internal|external``).
 
 Internal and external evaluation differ only in the slices they walk (eval/ID
 versus the inference/ folders of eval/OOD|RealWorld/<shift_type>); both go
@@ -11,17 +11,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import reports, runtime
-from .args import model_hparams
-from .data.catalog import open_catalog, problem_summary
-from .data.convert import slice_spacing
-from .data.dataset import MedSegDataset
-from .engine import evaluate, make_eval_loader
-from .errors import UserError
-from .fileio import ensure_writable_dir
-from .model import build_model
+from .. import reports, runtime
+from ..data.catalog import describe_problems, open_catalog, problem_summary
+from ..data.convert import slice_spacing
+from ..data.dataset import MedSegDataset
+from ..data.layout import ID, SHIFT_TYPES, external_stem
+from ..engine import evaluate, make_eval_loader
+from ..errors import UserError
+from ..fileio import ensure_writable_dir
+from .common import model_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +27,11 @@ logger = logging.getLogger(__name__)
 def report_name(data_path: str | Path, shift_type: str | None) -> tuple[str, str, str]:
     """(sub-folder, file stem, Markdown title) as published: internal/ID, external/<split>-<site|task>."""
     if shift_type is None:
-        return "internal", "ID", "internal evaluation"
+        return "internal", ID, reports.internal_title()
     split = Path(data_path).resolve().name
-    if split in ("cross_site", "cross_task"):
+    if split in SHIFT_TYPES:
         split = Path(data_path).resolve().parent.name
-    return "external", f"{split}-{shift_type.split('_')[1]}", f"external {shift_type} evaluation"
+    return "external", external_stem(split, shift_type), reports.external_title(shift_type)
 
 
 def output_dir_for(args: argparse.Namespace, sub: str) -> Path:
@@ -45,7 +43,18 @@ def output_dir_for(args: argparse.Namespace, sub: str) -> Path:
     return Path("playground") / f"baseline-{args.model_type}" / sub
 
 
-def run_evaluation(args: argparse.Namespace, external: bool) -> list[dict[str, Any]]:
+def run_internal(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """evaluate_internal.py: every slice of eval/ID, walked dataset -> task -> [sequence]."""
+    return run(args, external=False)
+
+
+def run_external(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """evaluate_external.py: the inference/ slices of eval/OOD|RealWorld/<shift_type>."""
+    return run(args, external=True)
+
+
+def run(args: argparse.Namespace, external: bool) -> list[dict[str, Any]]:
+    """Score every slice with the model of ``args`` and write the published and the extra reports."""
     shift_type = args.shift_type if external else None
     sub, stem, title = report_name(args.data_path, shift_type)
     out_dir = output_dir_for(args, sub)
@@ -60,10 +69,7 @@ def run_evaluation(args: argparse.Namespace, external: bool) -> list[dict[str, A
     if runtime.is_main_process():
         ensure_writable_dir(out_dir, "report folder")  # before the work, not after it
 
-    model = build_model(args.model_type, checkpoint=args.checkpoint, model_weight=args.model_weight, fast=not args.no_fast, **model_hparams(args))
-    model.to(info.device).eval()
-    if args.compile:
-        model = torch.compile(model)
+    model = model_from_args(args, info.device, args.model_weight, for_training=False).eval()
     baseline_note = None
     if args.model_weight is None:
         baseline_note = (f"No --model_weight: the {args.model_type} backbone alone (ConMoAE adapters at "
@@ -87,14 +93,12 @@ def run_evaluation(args: argparse.Namespace, external: bool) -> list[dict[str, A
             notes.append(f"Selection: --select {args.select} (the published tables use oracle selection).")
         problems = getattr(catalog, "problems", None)
         if problems:
-            from .data.catalog import describe_problems
-
             notes.append(f"Bad files skipped while indexing ({len(problems)}):\n\n" + describe_problems(problems, 20))
         paths = reports.write_report(slices, out_dir, stem, title, layout=sub, gallery=gallery, notes=notes)
+        runtime.write_run_info(args, out_dir, name=f"{stem}_run_info.json")
         logger.info("reports: %s", ", ".join(str(p) for p in paths.values()))
     runtime.cleanup_distributed()
     return results
-
 
 
 def to_slice_result(r: dict[str, Any], record: Any) -> reports.SliceResult:

@@ -1,4 +1,5 @@
-"""Wiring of a training run shared by pretrain.py and finetune.py (the loop itself is engine.fit)."""
+"""What every recipe shares: the model built from the command line (one place for all entry points)
+and one training run into a locked run folder (the loop itself is :func:`medsegx.engine.fit`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,15 +13,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import runtime
-from .args import model_hparams
-from .checkpointer import LATEST, Checkpointer, is_training_state
-from .data.catalog import open_catalog, problem_summary
-from .data.dataset import MedSegDataset
-from .engine import FitConfig, fit, make_eval_loader, make_train_loader, restore_training_state
-from .errors import UserError
-from .model import build_model, check_all_trainable_used, count_parameters
-from .model.checkpoint import torch_load
+from .. import runtime
+from ..args import model_hparams
+from ..checkpointer import Checkpointer
+from ..data.dataset import MedSegDataset
+from ..engine import FitConfig, fit, make_eval_loader, make_train_loader, restore_training_state
+from ..errors import UserError
+from ..model.build import build_model
+from ..model.freeze import check_all_trainable_used, count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,14 @@ def batch_plan(global_batch: int, world_size: int, micro_batch: int | None) -> t
     return micro, accum
 
 
-def make_model(args: argparse.Namespace, device: torch.device,
+def model_from_args(args: argparse.Namespace, device: torch.device,
                init_weights: str | Path | Mapping[str, Any] | None = None,
                *, for_training: bool = True) -> nn.Module:
     """The run's model on ``device``; ``for_training=False`` (scoring only) skips the trainable-parameter
     check, a forward and backward pass that only training (DDP) needs."""
     model = build_model(args.model_type, checkpoint=args.checkpoint, model_weight=init_weights,
-                        fast=not args.no_fast, train_iou_head=args.iou_loss_weight > 0, **model_hparams(args))
+                        fast=not args.no_fast, train_iou_head=getattr(args, "iou_loss_weight", 0.0) > 0,
+                        **model_hparams(args))
     if for_training:
         unused = check_all_trainable_used(model)
         if unused:  # DDP would hang or fail on them; say which
@@ -96,7 +97,7 @@ def train_run(
         logger.info("global batch %d = %d process(es) x %d accumulation step(s) x %d", args.batch_size,
                     info.world_size, accum, micro)
         # a resumed run rebuilds the model its checkpoint describes
-        model = make_model(args, device, state if state is not None else init_weights)
+        model = model_from_args(args, device, state if state is not None else init_weights)
         params = [p for p in model.parameters() if p.requires_grad]
         lr = args.lr if args.lr is not None else args._default_lr
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
@@ -130,37 +131,6 @@ def train_run(
         result = fit(model, optimizer, train_loader, cfg, checkpointer, val_loader=val_loader, scaler=scaler,
                      resume=state, args=args)
         result["files"] = {kind: checkpointer.path(kind) for kind in ("latest", "best", "lowest")}
-    return result
-
-
-def run_pretraining(args: argparse.Namespace) -> dict[str, Any]:
-    """pretrain.py: MedSegDB's train/ split (validated on eval/ID beside it, or --val_path) into
-    <work_dir>/<task_name>, from scratch, from MedSegX weights, or continuing a run."""
-    output_dir = Path(args.work_dir) / args.task_name
-    runtime.setup(args, None)
-    train = open_catalog(args.data_path, splits=["train"], strict=args.strict, refresh=args.refresh_index)
-    if not len(train):
-        raise UserError(f"no usable training slice under {args.data_path}{problem_summary(train)}")
-    if args.max_train_slices and len(train) > args.max_train_slices:
-        train = train.subset(args.max_train_slices / len(train), seed=args.seed)
-    val_path = resolve_val_path(args.data_path, args.val_path)
-    val = open_catalog(val_path, strict=args.strict, refresh=args.refresh_index) if val_path else None
-    if val is not None and not len(val):
-        raise UserError(f"no usable validation slice under {val_path}{problem_summary(val)} "
-                        "(--val_path none trains without validation)")
-    resume, state = None, None
-    if args.resume_run:
-        latest = output_dir / LATEST
-        resume = latest if latest.is_file() else None
-        logger.info("--continue: %s", f"resuming {latest}" if resume else f"no {LATEST} yet, starting fresh")
-    elif args.resume:
-        state = torch_load(args.resume)
-        if is_training_state(state):
-            resume = args.resume
-    init = state if resume is None else None
-    result = train_run(args, train, val, output_dir, init_weights=init, resume=resume,
-                       resume_state=state if resume is not None else None)
-    runtime.cleanup_distributed()
     return result
 
 

@@ -1,4 +1,4 @@
-"""Data-efficient fine-tuning on OOD sites: one run per (site, data ratio), zero-shot vs fine-tuned."""
+"""Fine-tuning (finetune.py, ``medsegx finetune``): one run per OOD site and data ratio, zero-shot vs fine-tuned."""
 from __future__ import annotations
 
 import argparse
@@ -9,17 +9,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from . import runtime
-from .checkpointer import LATEST, RunFolderError, RunLock, holds_run
-from .data.catalog import open_catalog, problem_summary
-from .data.dataset import MedSegDataset
-from .engine import evaluate, make_eval_loader, mean_dsc
-from .errors import UserError
-from .fileio import atomic_write_set, atomic_write_text, ensure_writable_dir
-from .model.checkpoint import torch_load
-from .training import make_model, train_run
+import torch
+
+from .. import runtime
+from ..checkpointer import LATEST, RunFolderError, RunLock, holds_run
+from ..data.catalog import open_catalog, problem_summary
+from ..data.dataset import MedSegDataset
+from ..engine import evaluate, make_eval_loader, mean_dsc
+from ..errors import UserError
+from ..fileio import atomic_write_set, atomic_write_text, ensure_writable_dir
+from ..model.checkpoint import atomic_save, checkpoint_state, torch_load
+from .common import model_from_args, train_run
 
 RESULT = "result.json"  # a finished (site, ratio) run's scores
+FINAL = "model_final.pth"  # what a (site, ratio) run ships
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +30,7 @@ logger = logging.getLogger(__name__)
 def _score(args: argparse.Namespace, records: Any, weights: str | Path | None) -> dict[str, float]:
     """Mean DSC (oracle and honest IoU selection) of ``weights`` on ``records``."""
     info = runtime.dist_info()
-    model = make_model(args, info.device, weights, for_training=False)
+    model = model_from_args(args, info.device, weights, for_training=False)
     dataset = MedSegDataset(records, train=False, seed=args.seed, strict=args.strict)
     loader = make_eval_loader(dataset, args.val_batch_size or max(1, args.batch_size // info.world_size),
                               args.num_workers)
@@ -76,7 +79,7 @@ def _previous_results(output_dir: Path) -> list[str]:
     return found
 
 
-def run_finetuning(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """finetune.py: fine-tune every site of --data_path at every --data_ratio, from --resume's weights.
 
     Each (site, ratio) is its own run folder, ``<work_dir>/<task_name>/<shift_type>/<Task>/<Dataset>
@@ -111,9 +114,14 @@ def run_finetuning(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _finetune_site(args: argparse.Namespace, plan: dict[str, Any], init: Any, output_dir: Path) -> list[dict]:
+    """Every data ratio of one site: train, then ship the better of the fine-tuned model and its starting
+    point by the site's validation split (``model_final.pth``), and score all of them on its test slices."""
     site, test, val = plan["site"], plan["test"], plan["val"]
-    zero = _score(args, test, init)
-    logger.info("%s zero-shot DSC %.4f on %d slices", site, zero["dsc"], zero["n"])
+    start = _score(args, test, init)  # the pre-trained model, zero-shot
+    backbone = _score(args, test, None) if init is not None else start  # adapters at zero
+    start_val = _score(args, val, init) if len(val) else None
+    logger.info("%s zero-shot DSC %.4f (backbone alone %.4f) on %d slices", site, start["dsc"], backbone["dsc"],
+                start["n"])
     rows = []
     for ratio in args.data_ratio:
         run_dir = output_dir.joinpath(*plan["key"]) / f"ratio_{ratio:g}"
@@ -127,17 +135,44 @@ def _finetune_site(args: argparse.Namespace, plan: dict[str, Any], init: Any, ou
         logger.info("%s ratio %g: %d training slices, %d validation%s", site, ratio, len(train), len(val),
                     f"; resuming {resume}" if resume else "")
         result = train_run(args, train, val, run_dir, init_weights=init, resume=resume)
-        chosen = result["files"]["best"] or result["files"]["latest"]
-        tuned = _score(args, test, chosen)
+        trained = result["files"]["best"] or result["files"]["latest"]
+        tuned = _score(args, test, trained)
+        tuned_val = _score(args, val, trained) if start_val is not None else None
+        keep_start = tuned_val is not None and tuned_val["dsc"] < start_val["dsc"]
+        if keep_start:
+            why = (f"validation DSC {tuned_val['dsc']:.4f} after fine-tuning < {start_val['dsc']:.4f} of the starting "
+                   "point: the starting weights are kept")
+        elif tuned_val is not None:
+            why = f"validation DSC {tuned_val['dsc']:.4f} after fine-tuning >= {start_val['dsc']:.4f} of the starting point"
+        else:
+            why = "no validation split (a single case): the fine-tuned model is kept unchecked"
+        final = run_dir / FINAL
+        if runtime.is_main_process():
+            atomic_save(_final_state(init, trained, keep_start, args), final)
+        shipped = start if keep_start else tuned
         row = {"site": site, "ratio": ratio, "train_slices": len(train), "test_slices": tuned["n"],
-               "zero_shot_dsc": zero["dsc"], "finetuned_dsc": tuned["dsc"],
-               "zero_shot_dsc_iou": zero["dsc_iou"], "finetuned_dsc_iou": tuned["dsc_iou"],
-               "checkpoint": str(chosen)}
+               "backbone_dsc": backbone["dsc"], "zero_shot_dsc": start["dsc"], "finetuned_dsc": tuned["dsc"],
+               "kept": "start" if keep_start else "fine-tuned", "final_dsc": shipped["dsc"],
+               "backbone_dsc_iou": backbone["dsc_iou"], "zero_shot_dsc_iou": start["dsc_iou"],
+               "finetuned_dsc_iou": tuned["dsc_iou"], "final_dsc_iou": shipped["dsc_iou"],
+               "val_start_dsc": start_val["dsc"] if start_val else None,
+               "val_finetuned_dsc": tuned_val["dsc"] if tuned_val else None,
+               "why": why, "trained_checkpoint": str(trained), "checkpoint": str(final)}
         if runtime.is_main_process():
             atomic_write_text(result_file, json.dumps(row, indent=1) + "\n")
         rows.append(row)
-        logger.info("%s ratio %g: zero-shot %.4f -> fine-tuned %.4f", site, ratio, zero["dsc"], tuned["dsc"])
+        logger.info("%s ratio %g: zero-shot %.4f -> fine-tuned %.4f; %s", site, ratio, start["dsc"], tuned["dsc"], why)
     return rows
+
+
+def _final_state(init: Any, trained: Path, keep_start: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """What ``model_final.pth`` holds: the fine-tuned weights, or the starting ones when validation says so."""
+    if not keep_start:
+        return dict(torch_load(trained))
+    if init is not None:
+        return {**dict(init), "optimizer": None, "kept": "start"}
+    model = model_from_args(args, torch.device("cpu"), None, for_training=False)  # the backbone, adapters at zero
+    return checkpoint_state(model, kept="start")
 
 
 def write_summary(rows: list[dict[str, Any]], output_dir: Path, args: argparse.Namespace) -> None:
@@ -146,17 +181,23 @@ def write_summary(rows: list[dict[str, Any]], output_dir: Path, args: argparse.N
     writer.writeheader()
     writer.writerows(rows)
     lines = [f"# fine-tuning summary ({args.shift_type}, {args.model_type})", "",
-             f"Test split: inference/; validation: {args.validation}; oracle selection (the paper's); "
-             "in brackets the honest IoU-head selection.", "",
-             "| site | data ratio | train slices | test slices | zero-shot DSC | fine-tuned DSC | change |",
-             "|---|---|---|---|---|---|---|"]
+             f"Test split: inference/; validation: {args.validation} (by case). Mean DSC, oracle selection (the "
+             "paper's); in brackets the label-free IoU-head selection. Backbone: adapters at zero; zero-shot: the "
+             "starting weights (--resume); fine-tuned: the run's chosen checkpoint; final: model_final.pth, the "
+             "better of fine-tuned and starting point on the validation split.", "",
+             "| site | data ratio | train slices | test slices | backbone | zero-shot | fine-tuned | kept | final | "
+             "change |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['site']} | {r['ratio']:g} | {r['train_slices']} | {r['test_slices']} | "
+                     f"{r['backbone_dsc']:.4f} ({r['backbone_dsc_iou']:.4f}) | "
                      f"{r['zero_shot_dsc']:.4f} ({r['zero_shot_dsc_iou']:.4f}) | "
-                     f"{r['finetuned_dsc']:.4f} ({r['finetuned_dsc_iou']:.4f}) | "
-                     f"{r['finetuned_dsc'] - r['zero_shot_dsc']:+.4f} |")
+                     f"{r['finetuned_dsc']:.4f} ({r['finetuned_dsc_iou']:.4f}) | {r['kept']} | "
+                     f"{r['final_dsc']:.4f} ({r['final_dsc_iou']:.4f}) | {r['final_dsc'] - r['zero_shot_dsc']:+.4f} |")
+    lines += ["", "Why each run kept what it kept:", ""]
+    lines += [f"- {r['site']} ratio {r['ratio']:g}: {r['why']}" for r in rows]
     atomic_write_set({output_dir / "summary.csv": buf.getvalue(), output_dir / "summary.md": "\n".join(lines) + "\n"})
     logger.info("summary: %s", output_dir / "summary.md")
 
 
-__all__ = ["plan_sites", "run_finetuning", "write_summary"]
+__all__ = ["plan_sites", "run", "write_summary"]

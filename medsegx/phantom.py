@@ -23,7 +23,7 @@ cross-task sets (CT_StomachCancer, US_FetalHead) are tasks absent from training.
 (size, size, 3) uint8 with a non-empty (size, size) uint8 0/1 mask. Output depends only on the seed
 and the arguments (and a task's slices do not depend on which other tasks are selected).
 
-CLI: ``python -m medsegx.data.phantom --out playground/PhantomDB --n 16 --n_eval 8 --n_ood 4``.
+CLI: ``python -m medsegx.phantom --out playground/PhantomDB --n 16 --n_eval 8 --n_ood 4``.
 """
 from __future__ import annotations
 
@@ -39,6 +39,20 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from .data.layout import (
+    EVAL,
+    EXTERNAL_SPLITS,
+    ID,
+    IMAGES_DIR,
+    MASKS_DIR,
+    SHIFT_TYPES,
+    SUBSETS,
+    TRAIN,
+    external_folder,
+    id_folder,
+    slice_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -531,8 +545,8 @@ PHANTOM_TASKS: tuple[PhantomTask, ...] = (
                 volumetric=True),
 )
 
-_ROLE_DIR = {"ood_site": ("OOD", "cross_site"), "ood_task": ("OOD", "cross_task"),
-             "rw_site": ("RealWorld", "cross_site"), "rw_task": ("RealWorld", "cross_task")}
+_ROLE_DIR = {"ood_site": (EXTERNAL_SPLITS[0], SHIFT_TYPES[0]), "ood_task": (EXTERNAL_SPLITS[0], SHIFT_TYPES[1]),
+             "rw_site": (EXTERNAL_SPLITS[1], SHIFT_TYPES[0]), "rw_task": (EXTERNAL_SPLITS[1], SHIFT_TYPES[1])}
 
 
 def _rng(seed: int, key: str) -> np.random.Generator:
@@ -580,8 +594,8 @@ def _write_set(out: Path, spec: PhantomTask, sequence: str | None, n: int, seed:
     """Write ``n`` slices of ``spec`` into ``out/npy_imgs|npy_gts``; returns the count."""
     if n <= 0:
         return 0
-    (out / "npy_imgs").mkdir(parents=True, exist_ok=True)
-    (out / "npy_gts").mkdir(parents=True, exist_ok=True)
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (out / MASKS_DIR).mkdir(parents=True, exist_ok=True)
     per_case = slices_per_case if spec.volumetric else 1
     for i in range(n):
         case, j = divmod(i, per_case)
@@ -590,13 +604,13 @@ def _write_set(out: Path, spec: PhantomTask, sequence: str | None, n: int, seed:
             t = (j + 0.5) / per_case
             # slice ids start at a per-case offset and skip like a real 2-3 mm stack would
             start = int(_rng(seed, f"start/{spec.dataset}/{case}").integers(5, 60))
-            name = f"casenum_{case:03d}_sliceid_{start + 2 * j}.npy"
+            name = slice_name(f"{case:03d}", start + 2 * j)
         else:
             t, name = 0.5, f"img_{case:04d}.npy"
         img, mask = make_phantom_slice(spec, seed=seed, case=case, t=t, sequence=sequence, size=size,
                                        index=j)
-        np.save(out / "npy_imgs" / name, img)
-        np.save(out / "npy_gts" / name, mask)
+        np.save(out / IMAGES_DIR / name, img)
+        np.save(out / MASKS_DIR / name, mask)
     return n
 
 
@@ -634,22 +648,21 @@ def make_phantom_db(root: str | Path, n_train_per_task: int = 8, n_eval_per_task
             continue
         step = per_case if spec.volumetric else 1
         for seq in spec.sequences:
-            tail = (seq,) if seq else ()
             if spec.role == "id":
                 n_train_cases = -(-n_train_per_task // step)
-                total += _write_set(root.joinpath("train", spec.dataset, spec.folder, *tail), spec, seq,
+                total += _write_set(id_folder(root / TRAIN, spec.dataset, spec.folder, seq), spec, seq,
                                     n_train_per_task, seed, per_case, size, first_case=0)
-                total += _write_set(root.joinpath("eval", "ID", spec.dataset, spec.folder, *tail), spec, seq,
+                total += _write_set(id_folder(root / EVAL / ID, spec.dataset, spec.folder, seq), spec, seq,
                                     n_eval_per_task, seed, per_case, size, first_case=n_train_cases + 100)
                 continue
             level, group = _ROLE_DIR[spec.role]
-            site = root.joinpath("eval", level, group, spec.folder, spec.dataset, *tail)
-            splits = ("inference",) if level == "RealWorld" else ("finetune", "inference")
+            shift_root = root / EVAL / level / group
+            subsets = SUBSETS[1:] if level == EXTERNAL_SPLITS[1] else SUBSETS  # RealWorld: inference only
             n_cases = -(-n_ood_per_site // step)
-            for k, split in enumerate(splits):
-                total += _write_set(site / split, spec, seq, n_ood_per_site, seed, per_case, size,
-                                    first_case=k * (n_cases + 100))
-    manifest = {"generator": "medsegx.data.phantom", "seed": seed, "n_train_per_task": n_train_per_task,
+            for k, subset in enumerate(subsets):
+                total += _write_set(external_folder(shift_root, spec.folder, spec.dataset, seq, subset), spec, seq,
+                                    n_ood_per_site, seed, per_case, size, first_case=k * (n_cases + 100))
+    manifest = {"generator": "medsegx.phantom", "seed": seed, "n_train_per_task": n_train_per_task,
                 "n_eval_per_task": n_eval_per_task, "n_ood_per_site": n_ood_per_site,
                 "slices_per_case": per_case, "realworld": realworld, "size": size,
                 "tasks": sorted(wanted) if wanted is not None else None, "slices": total}
