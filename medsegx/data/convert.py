@@ -431,6 +431,28 @@ def check_geometry(image: sitk.Image, label: sitk.Image, image_path: Path, label
         raise ConversionError(f"{where}: direction {gl['direction']} vs {gi['direction']}")
 
 
+def read_label(label_path: str | Path, image: sitk.Image, image_path: str | Path,
+               tolerance: float = 0.01) -> np.ndarray:
+    """The label of ``image`` (also a prompt or reference mask) as a non-negative integer array in the
+    image's stored order, after checking that it has the image's dimension, size and geometry.
+
+    ``image`` may also be a ``sitk.ImageFileReader`` that has read the image's header. Raises
+    :class:`ConversionError` naming both files.
+    """
+    label_path, image_path = Path(label_path), Path(image_path)
+    label = read_image(label_path)
+    dim = image.GetDimension()
+    if label.GetDimension() != dim:
+        raise ConversionError(f"label {label_path} is {label.GetDimension()}-D but image {image_path} is {dim}-D")
+    if dim == 2:
+        if tuple(image.GetSize()) != tuple(label.GetSize()):
+            raise ConversionError(f"label {label_path} does not match image {image_path}: "
+                                  f"size {list(label.GetSize())} vs {list(image.GetSize())}")
+    else:
+        check_geometry(image, label, image_path, label_path, tolerance)
+    return _label_array(label, label_path, dim == 2)
+
+
 def _label_array(label: sitk.Image, path: Path, is_2d: bool) -> np.ndarray:
     arr = sitk.GetArrayFromImage(label)
     if label.GetNumberOfComponentsPerPixel() > 1:
@@ -769,19 +791,9 @@ def convert_case(image_path: str | Path, label_path: str | Path, cfg: ConvertCon
     if cfg.ood_site and split is None:
         raise ConversionError(f"{image_path}: an OOD site conversion needs the case's split")
     image = read_image(image_path)
-    label = read_image(label_path)
     stack = slice_stack(image, image_path, cfg.axis, cfg.orient)
     is_2d = stack.is_2d
-    if label.GetDimension() != image.GetDimension():
-        raise ConversionError(f"label {label_path} is {label.GetDimension()}-D but image {image_path} "
-                              f"is {image.GetDimension()}-D")
-    if is_2d:
-        if image.GetSize() != label.GetSize():
-            raise ConversionError(f"label {label_path} does not match image {image_path}: "
-                                  f"size {list(label.GetSize())} vs {list(image.GetSize())}")
-    else:
-        check_geometry(image, label, image_path, label_path, cfg.geometry_tolerance)
-    label_arr = _label_array(label, label_path, is_2d)
+    label_arr = read_label(label_path, image, image_path, cfg.geometry_tolerance)
     if is_2d and label_arr.max() > max(v for values in cfg.labels_map.values() for v in values) \
             and len(cfg.labels_map) == 1:
         # 0/255 (or lossy JPEG) masks of a single task: threshold at half range
