@@ -3,6 +3,8 @@
     medsegx params --model_type vit_b            trainable parameters by part (no checkpoint needed)
     medsegx compare A.csv B.csv --labels zero-shot ConMoAE [--out table.md]
                                                  per-task DSC of two published-format reports
+    medsegx predict -i ct.nii.gz -o out/ --modality CT --task Liver --box 40 30 5 90 80 25 --model_type lite
+                                                 segment your own scans (the parser of predict.py)
 """
 from __future__ import annotations
 
@@ -68,6 +70,13 @@ def _compare(args: argparse.Namespace) -> None:
     sys.stdout.write(table)
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from . import runtime
+    from .inference.cli import main as predict
+
+    runtime.launch(predict, args)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="medsegx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--title", default=None)
     c.add_argument("--out", default=None)
     c.set_defaults(func=_compare)
+    from .inference.cli import get_args_parser as predict_parser
+
+    sub.add_parser("predict", parents=[predict_parser(add_help=False)], help="segment your own scans with box prompts",
+                   description=predict_parser().description,
+                   formatter_class=argparse.RawDescriptionHelpFormatter).set_defaults(func=_predict)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -431,16 +431,10 @@ def check_geometry(image: sitk.Image, label: sitk.Image, image_path: Path, label
         raise ConversionError(f"{where}: direction {gl['direction']} vs {gi['direction']}")
 
 
-def read_label(label_path: str | Path, image: sitk.Image, image_path: str | Path,
-               tolerance: float = 0.01) -> np.ndarray:
-    """The label of ``image`` (also a prompt or reference mask) as a non-negative integer array in the
-    image's stored order, after checking that it has the image's dimension, size and geometry.
-
-    ``image`` may also be a ``sitk.ImageFileReader`` that has read the image's header. Raises
-    :class:`ConversionError` naming both files.
-    """
-    label_path, image_path = Path(label_path), Path(image_path)
-    label = read_image(label_path)
+def check_label_geometry(image: sitk.Image | sitk.ImageFileReader, label: sitk.Image | sitk.ImageFileReader,
+                         image_path: str | Path, label_path: str | Path, tolerance: float = 0.01) -> None:
+    """A label must have its image's dimension and size (and for volumes spacing, origin and
+    direction, see :func:`check_geometry`). Takes images or ``sitk.ImageFileReader`` headers."""
     dim = image.GetDimension()
     if label.GetDimension() != dim:
         raise ConversionError(f"label {label_path} is {label.GetDimension()}-D but image {image_path} is {dim}-D")
@@ -449,8 +443,18 @@ def read_label(label_path: str | Path, image: sitk.Image, image_path: str | Path
             raise ConversionError(f"label {label_path} does not match image {image_path}: "
                                   f"size {list(label.GetSize())} vs {list(image.GetSize())}")
     else:
-        check_geometry(image, label, image_path, label_path, tolerance)
-    return _label_array(label, label_path, dim == 2)
+        check_geometry(image, label, Path(image_path), Path(label_path), tolerance)
+
+
+def read_label(label_path: str | Path, image: sitk.Image, image_path: str | Path,
+               tolerance: float = 0.01) -> np.ndarray:
+    """The label of ``image`` (also a prompt or reference mask) as a non-negative integer array in the
+    image's stored order, after :func:`check_label_geometry`. ``image`` may also be a
+    ``sitk.ImageFileReader`` that has read the image's header. Raises :class:`ConversionError`.
+    """
+    label = read_image(label_path)
+    check_label_geometry(image, label, image_path, label_path, tolerance)
+    return _label_array(label, Path(label_path), image.GetDimension() == 2)
 
 
 def _label_array(label: sitk.Image, path: Path, is_2d: bool) -> np.ndarray:
@@ -650,13 +654,8 @@ def slice_stack(image: sitk.Image, source: str | Path, axis: str = "axial", orie
     source = Path(source)
     if axis not in AXES or orient not in ("LPS", "none"):
         raise ValueError(f"axis must be one of {AXES} and orient 'LPS' or 'none', got {axis!r}, {orient!r}")
-    dim = image.GetDimension()
-    if dim not in (2, 3):
-        raise ConversionError(f"{source}: {dim}-D image not supported (split channels/time first)")
-    is_2d = dim == 2
-    n_comp = image.GetNumberOfComponentsPerPixel()
-    if not is_2d and n_comp > 1:
-        raise ConversionError(f"{source}: vector-valued volume ({n_comp} components) not supported")
+    check_image_dimensions(image, source)
+    is_2d = image.GetDimension() == 2
     arr = sitk.GetArrayFromImage(image)
     geometry = _geometry(image)
     if is_2d:
@@ -687,6 +686,20 @@ def slice_stack(image: sitk.Image, source: str | Path, axis: str = "axial", orie
         "spacing_256": [in_plane[0] * plane_shape[0] / TARGET_SIZE, in_plane[1] * plane_shape[1] / TARGET_SIZE],
     }
     return SliceStack(volume, record, is_8bit=is_2d and arr.dtype == np.uint8)
+
+
+def check_image_dimensions(image: sitk.Image | sitk.ImageFileReader, source: str | Path) -> None:
+    """A 2-D image (grey or colour) or a 3-D scalar volume; else :class:`ConversionError` naming ``source``.
+
+    Also takes a ``sitk.ImageFileReader`` that has read the header, to check before reading pixels.
+    """
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise ConversionError(f"{source}: {dim}-D image not supported (split channels/time first)")
+    get_components = getattr(image, "GetNumberOfComponentsPerPixel", None) or image.GetNumberOfComponents
+    n_comp = get_components()
+    if dim == 3 and n_comp > 1:
+        raise ConversionError(f"{source}: vector-valued volume ({n_comp} components) not supported")
 
 
 def read_slice_stack(path: str | Path, axis: str = "axial", orient: str = "LPS") -> SliceStack:
