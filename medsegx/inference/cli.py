@@ -29,7 +29,7 @@ import argparse
 import logging
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -179,7 +179,6 @@ class Job:
     objects: list[ObjectPrompt] | None = None
     prompt_mask: Path | None = None
     reference: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def list_inputs(spec: str) -> tuple[list[tuple[str, Path]], list[tuple[Path, str]]]:
@@ -269,6 +268,8 @@ def _check_output_folder(out: Path, inputs: list[Path], folder_input: bool) -> N
 
 def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
     """Every check that can fail before the model is built; returns the jobs and report lines."""
+    load_taxonomy().canonical_modality(args.modality)  # an unknown modality: an error listing the known ones
+    _window(args.window)
     cases, ignored = list_inputs(args.input)
     report = [f"skip {path}: {why}" for path, why in ignored]
     out = Path(args.output)
@@ -284,6 +285,9 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
             raise PredictError(f"--labels_map: {err}") from None
     box = parse_box(args.box, "--box") if args.box is not None else None
     check_label(args.label, "--label")
+    if args.label != 1 and box is None:
+        raise PredictError("--label is the value of --box's object (--prompts give 'label' per object; "
+                           "--prompt_mask keeps its own values)")
     by_case = load_prompts_file(args.prompts) if args.prompts else None
 
     names = {}
@@ -366,10 +370,6 @@ def run_predict(args: argparse.Namespace) -> list[Path]:
         axis=args.axis, orient=args.orient, propagate=args.propagate, box_margin=args.box_margin,
         labels_map=parse_labels_map(args.labels_map) if args.labels_map else None,
     )
-    load_taxonomy().canonical_modality(opts.modality)  # an unknown modality: an error before the model
-    if args.use_amp and info.device.type == "cpu" and args.model_type == "lite":
-        logger.warning("--use_amp on the CPU: bf16 convolutions are ~10x slower than float32 here and "
-                       "LiteMedSAM is mostly convolutions (docs/PERFORMANCE.md); drop --use_amp for speed")
     if args.compile:
         logger.warning("--compile is not used by prediction (the prefix cache and varying batches recompile)")
     if info.device.type == "cpu" and retain_freed_memory():
