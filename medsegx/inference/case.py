@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -45,10 +46,14 @@ from .prompts import (
     resolve_context,
     slice_boxes,
 )
-from .runner import SliceOutput, SliceRunner, compose_labels
+
+if TYPE_CHECKING:
+    from .runner import SliceOutput, SliceRunner
 
 logger = logging.getLogger(__name__)
 
+# the choice among the model's three outputs: never the label (no "oracle" here)
+LABEL_FREE_SELECTION = ("iou", "first")
 NPY_EXTENSION = ".npy"
 # 2-D formats without a physical pixel size: distances are reported in pixels
 PIXEL_ONLY_EXTENSIONS = (*IMAGE2D_EXTENSIONS, NPY_EXTENSION)
@@ -196,6 +201,8 @@ def predict_case(runner: SliceRunner, case: str, image: sitk.Image, source: str 
                  prompts: Sequence[ObjectPrompt] | None, opts: PredictOptions,
                  prompt_mask: np.ndarray | None = None, progress: bool = True) -> CasePrediction:
     """Segment one image: ``prompts`` (boxes) or ``prompt_mask`` (stored order, integer values)."""
+    from .runner import compose_labels
+
     t0 = time.perf_counter()
     stack = slice_stack(image, source, opts.axis, opts.orient)
     objects, notes = prepare_objects(stack, image.GetSize(), prompts, prompt_mask, opts, case)

@@ -51,6 +51,7 @@ from ..data.convert import (
 )
 from ..data.taxonomy import TaxonomyError, load_taxonomy
 from .case import (
+    LABEL_FREE_SELECTION,
     NPY_EXTENSION,
     PIXEL_ONLY_EXTENSIONS,
     PredictOptions,
@@ -65,7 +66,6 @@ from .case import (
     write_overlay,
 )
 from .prompts import ObjectPrompt, PromptError, check_box_inside, check_label, load_prompts_file, parse_box
-from .runner import LABEL_FREE_SELECTION, SliceRunner, retain_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +357,7 @@ def run_predict(args: argparse.Namespace) -> list[Path]:
     from .. import runtime
     from ..args import model_hparams
     from ..model import build_model
+    from .runner import SliceRunner, retain_freed_memory
 
     info = runtime.setup(args, None)
     jobs, report = plan(args)

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from ..data.convert import TARGET_SIZE, SliceStack, resize_mask, strip_extension
-from ..data.dataset import tight_box
 from ..data.taxonomy import TaxonomyError, load_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -218,6 +217,8 @@ def plane_box(plane: np.ndarray, margin: int = 0, size: int = TARGET_SIZE) -> np
     nearest neighbour. A structure thinner than a grid pixel vanishes there; it then gets the grid
     pixels its source pixels overlap. ``margin`` pixels are added on each side, clipped to the grid.
     """
+    from ..data.dataset import tight_box  # the evaluation's own box of a mask
+
     small = resize_mask(plane, (size, size))
     if small.any():
         box = tight_box(small).astype(np.float64)

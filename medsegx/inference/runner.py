@@ -25,11 +25,11 @@ from tqdm import tqdm
 from .. import runtime
 from ..data.convert import SliceStack, mask_to_plane, model_slice, put_plane
 from ..metrics.select import binarize, select_masks
+from .case import LABEL_FREE_SELECTION
 from .prompts import PreparedObject, plane_box
 
 logger = logging.getLogger(__name__)
 
-LABEL_FREE_SELECTION = ("iou", "first")
 # Prefix-cache entries kept per case (LiteMedSAM: 5.2 MB each in float32); later slices are recomputed.
 PREFIX_CACHE_SLICES = 128
 
