@@ -25,17 +25,16 @@ import SimpleITK as sitk
 from ..data.convert import (
     DEFAULT_PERCENTILES,
     IMAGE2D_EXTENSIONS,
-    IMAGE_SUFFIXES,
     ConversionError,
     SliceStack,
     read_image,
     slice_stack,
     stack_intensity,
     stack_to_image,
-    strip_extension,
     to_display,
 )
 from .prompts import (
+    NPY_EXTENSION,
     ObjectPrompt,
     PreparedObject,
     PromptError,
@@ -54,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 # the choice among the model's three outputs: never the label (no "oracle" here)
 LABEL_FREE_SELECTION = ("iou", "first")
-NPY_EXTENSION = ".npy"
 # 2-D formats without a physical pixel size: distances are reported in pixels
 PIXEL_ONLY_EXTENSIONS = (*IMAGE2D_EXTENSIONS, NPY_EXTENSION)
 
@@ -72,17 +70,6 @@ class PredictOptions:
     propagate: bool = False
     box_margin: int = 0
     labels_map: Mapping[str, tuple[int, ...]] | None = None  # prompt-mask values -> task
-
-
-def case_name(path: str | Path) -> str:
-    """A case's name: the file name without its image extension (and nnU-Net's ``_0000``), or the
-    DICOM folder's name."""
-    path = Path(path)
-    name = path.name[: -len(NPY_EXTENSION)] if path.name.lower().endswith(NPY_EXTENSION) else strip_extension(path.name)
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-    return name
 
 
 def read_case_image(path: str | Path) -> sitk.Image:
@@ -130,9 +117,9 @@ class CasePrediction:
     def log(self) -> dict:
         """The per-slice record written as ``<case>.json``."""
         record = self.stack.record
+        axis_name, to_stored = _stored_slice_index(record)
         objects = []
         for obj, per_slice in zip(self.objects, self.results):
-            axis_name, to_stored = _stored_slice_index(record)
             slices = []
             for k in sorted(per_slice):
                 entry = per_slice[k].as_dict()

@@ -52,10 +52,8 @@ from ..data.convert import (
 from ..data.taxonomy import TaxonomyError, load_taxonomy
 from .case import (
     LABEL_FREE_SELECTION,
-    NPY_EXTENSION,
     PIXEL_ONLY_EXTENSIONS,
     PredictOptions,
-    case_name,
     describe_scores,
     output_suffix,
     predict_case,
@@ -65,7 +63,16 @@ from .case import (
     write_json_atomic,
     write_overlay,
 )
-from .prompts import ObjectPrompt, PromptError, check_box_inside, check_label, load_prompts_file, parse_box
+from .prompts import (
+    NPY_EXTENSION,
+    ObjectPrompt,
+    PromptError,
+    case_name,
+    check_box_inside,
+    check_label,
+    load_prompts_file,
+    parse_box,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -270,8 +277,6 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
     """Every check that can fail before the model is built; returns the jobs and report lines."""
     load_taxonomy().canonical_modality(args.modality)  # an unknown modality: an error listing the known ones
     _window(args.window)
-    cases, ignored = list_inputs(args.input)
-    report = [f"skip {path}: {why}" for path, why in ignored]
     out = Path(args.output)
     if args.propagate and args.prompt_mask is not None:
         raise PredictError("--propagate starts from a box (--box or --prompts), not from --prompt_mask")
@@ -289,6 +294,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
         raise PredictError("--label is the value of --box's object (--prompts give 'label' per object; "
                            "--prompt_mask keeps its own values)")
     by_case = load_prompts_file(args.prompts) if args.prompts else None
+    cases, ignored = list_inputs(args.input)
+    report = [f"skip {path}: {why}" for path, why in ignored]
 
     names = {}
     for name, path in cases:

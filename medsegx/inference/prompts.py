@@ -18,17 +18,29 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.convert import TARGET_SIZE, SliceStack, resize_mask, strip_extension
+from ..data.convert import IMAGE_SUFFIXES, TARGET_SIZE, SliceStack, resize_mask, strip_extension
 from ..data.taxonomy import TaxonomyError, load_taxonomy
 
 logger = logging.getLogger(__name__)
 
 MAX_LABEL = 255  # outputs are uint8 label maps
+NPY_EXTENSION = ".npy"
 _OBJECT_KEYS = {"box", "label", "task"}
 
 
 class PromptError(ValueError):
     """A prompt that cannot be used; the message names the case, the prompt and what is wrong."""
+
+
+def case_name(path: str | Path) -> str:
+    """A case's name: the file name without its image extension (and nnU-Net's ``_0000``), or the
+    DICOM folder's name. Keys of a prompts file are read the same way."""
+    path = Path(path)
+    name = path.name[: -len(NPY_EXTENSION)] if path.name.lower().endswith(NPY_EXTENSION) else strip_extension(path.name)
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+    return name
 
 
 # --------------------------------------------------------------------------- context
@@ -158,7 +170,7 @@ def load_prompts_file(path: str | Path) -> dict[str, list[ObjectPrompt]]:
         raise PromptError(f'{path}: expected {{"case": [{{"box": [...], "label": 1, "task": "..."}}, ...]}}')
     out: dict[str, list[ObjectPrompt]] = {}
     for key, objects in raw.items():
-        case = strip_extension(str(key))
+        case = case_name(str(key))
         if case in out:
             raise PromptError(f"{path}: case {case!r} is given twice")
         if isinstance(objects, Mapping):

@@ -22,14 +22,13 @@ from ..data.convert import DEFAULT_PERCENTILES, parse_labels_map, parse_window, 
 from .case import (
     CasePrediction,
     PredictOptions,
-    case_name,
     predict_case,
     read_case_image,
     write_image_atomic,
     write_json_atomic,
     write_overlay,
 )
-from .prompts import ObjectPrompt, PromptError, check_label, parse_box
+from .prompts import ObjectPrompt, PromptError, case_name, check_label, parse_box
 from .runner import SliceRunner
 
 
