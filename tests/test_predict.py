@@ -24,7 +24,7 @@ from torch import nn
 
 from medsegx.inference import cli
 from medsegx.inference.segmenter import Segmenter
-from medsegx.model.sam256 import MedSegXOutput
+from medsegx.model import MedSegXOutput
 
 CT = ("data", "volumes", "ct_abdomen_small.nii.gz")
 CT_LABEL = ("data", "volumes", "ct_abdomen_small_label.nii.gz")

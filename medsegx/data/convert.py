@@ -62,7 +62,9 @@ a slice before and after resampling (``spacing_256``, millimetres per pixel of t
 rows, cols), the intensity mapping, and per slice (by file name) its case, slice id, split and
 ``spacing_256``. :func:`slice_spacing` reads the latter for physical metrics;
 :func:`write_back_prediction` uses a case entry to write predicted slices back as a volume in the
-original geometry.
+original geometry. :func:`slice_stack` / :func:`model_slice` and their inverse :func:`mask_to_plane` /
+:func:`stack_to_image` are this one path from an image to the model's slices and back; prediction
+(``medsegx.inference``, ``predict.py``) goes through them too.
 """
 from __future__ import annotations
 
@@ -700,11 +702,6 @@ def check_image_dimensions(image: sitk.Image | sitk.ImageFileReader, source: str
     n_comp = get_components()
     if dim == 3 and n_comp > 1:
         raise ConversionError(f"{source}: vector-valued volume ({n_comp} components) not supported")
-
-
-def read_slice_stack(path: str | Path, axis: str = "axial", orient: str = "LPS") -> SliceStack:
-    """:func:`read_image` then :func:`slice_stack`."""
-    return slice_stack(read_image(path), path, axis, orient)
 
 
 def stack_intensity(stack: SliceStack, modality: str, task: str, window: tuple[float, float] | None = None,
