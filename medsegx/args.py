@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from .model import MODEL_TYPES
 
 SAM_DIR_DEFAULT = "./playground/SAM"
+# Selections that never look at a label (prediction has none).
+LABEL_FREE_SELECTION = ("iou", "first")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -297,4 +299,107 @@ def compare_parser(prog: str | None = None) -> Parser:
     p.add_argument("--title", default=None, help="a Markdown title for --out")
     p.add_argument("--out", default=None, help="also write the table to this file")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of user errors too")
+    return p
+
+
+PREDICT_DESCRIPTION = """``predict.py`` / ``medsegx predict``: segment your own scans with box prompts.
+
+    python predict.py --model_type lite -i ct.nii.gz -o out/ --modality CT --task Liver --box 40 30 5 90 80 25
+    python predict.py --model_type vit_b --checkpoint ./playground/SAM \\
+        --model_weight ./playground/MedSegX/medsegx_vit_b.pth -i scans/ -o preds/ --modality CT \\
+        --prompts prompts.json --use_amp
+    python predict.py --model_type lite -i ct.nii.gz -o out/ --modality CT \\
+        --prompt_mask rough.nii.gz --labels_map 5:Liver,1:Spleen --reference label.nii.gz --overlay
+
+Input (-i): a volume (.nii, .nii.gz, .nrrd, .mha/.mhd), a DICOM series folder, a 2-D image
+(.png, .jpg, .bmp, .tif) or a MedSegDB .npy slice, or a folder of such cases (DICOM: one series per
+sub-folder). Files that are not images are reported and skipped.
+
+Prompts (one kind per run):
+  --box x0 y0 x1 y1 | x0 y0 z0 x1 y1 z1   inclusive voxel indices of the stored array as ITK-SNAP and
+                                          3D Slicer show them (x = column, y = row, z = slice)
+  --prompts prompts.json                  {"case": [{"box": [...], "label": 2, "task": "Spleen"}, ...]}
+  --prompt_mask mask.nii.gz | folder      one box per label value per slice, from a rough mask
+
+Output (-o, a folder): <case>.nii.gz for volumes (the input's size, spacing, origin and direction;
+uint8 label values) or <case>.png for 2-D inputs; <case>.json (per slice: box, output chosen,
+predicted IoU, seconds); <case>_overlay.png with --overlay. Existing outputs are kept unless
+--overwrite. Preprocessing is prepare_data.py's (medsegx.data.convert) and the masks go back
+through its exact inverse. The output among the model's three is chosen without a label (--select).
+"""
+
+
+
+
+class _OneDevice(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 1:
+            parser.error(f"{option_string}: prediction runs on one device, got {values}")
+        setattr(namespace, self.dest, values)
+
+
+def _percentiles(text: str) -> tuple[float, float]:
+    try:
+        lower, upper = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'lower,upper', got {text!r}") from None
+    if not 0.0 <= lower < upper <= 100.0:
+        raise argparse.ArgumentTypeError(f"need 0 <= lower < upper <= 100, got {text!r}")
+    return lower, upper
+
+
+def predict_parser(prog: str | None = None) -> Parser:
+    from .data.convert import AXES, DEFAULT_PERCENTILES, WINDOW_PRESETS
+
+    p = Parser(prog=prog, description=PREDICT_DESCRIPTION)
+    p.add_argument("-i", "--input", required=True, help="image file, DICOM series folder, or a folder of cases")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
+    p.add_argument("--modality", required=True, help="taxonomy modality or alias: CT, CTA, MRI, US, Dermoscopy, ...")
+    p.add_argument("--task", default=None,
+                   help="taxonomy task, e.g. Liver (unknown tasks use the spare unknown-task row, with a warning)")
+    prompts = p.add_argument_group("prompts (one kind per run)")
+    kind = prompts.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--box", type=int, nargs="+", metavar="N",
+                      help="x0 y0 x1 y1 (2-D) or x0 y0 z0 x1 y1 z1 (volume): inclusive voxel indices of the "
+                           "stored array (x = column, y = row, z = slice)")
+    kind.add_argument("--prompts", default=None, help='JSON {"case": [{"box": [...], "label": 2, "task": "Spleen"}]}')
+    kind.add_argument("--prompt_mask", default=None,
+                      help="a rough mask (file, or folder matched by case name): one box per label value per slice")
+    prompts.add_argument("--label", type=int, default=1, help="output label value of --box")
+    prompts.add_argument("--labels_map", default=None,
+                         help="--prompt_mask values to use and their tasks, e.g. 5:Liver,1:Spleen,2+3:Kidney "
+                              "(default: every value, with --task)")
+    prompts.add_argument("--box_margin", type=non_negative_int, default=0,
+                         help="pixels of the 256 grid added to each side of boxes derived from masks")
+    prompts.add_argument("--propagate", action="store_true",
+                         help="3-D box: start on its middle slice, then take each slice's box from the "
+                              "neighbour's predicted mask until the mask vanishes")
+    pre = p.add_argument_group("preprocessing (as prepare_data.py)")
+    pre.add_argument("--window", default=None,
+                     help=f"CT window 'level,width' or a preset {sorted(WINDOW_PRESETS)}; default per task")
+    pre.add_argument("--percentiles", type=_percentiles, default=DEFAULT_PERCENTILES,
+                     help="clipping percentiles for non-CT modalities, 'lower,upper'")
+    pre.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
+    pre.add_argument("--orient", default="LPS", choices=("LPS", "none"), help="re-order volumes to LPS before slicing")
+    out = p.add_argument_group("output")
+    out.add_argument("--select", default="iou", choices=LABEL_FREE_SELECTION,
+                     help="which of the 3 outputs: iou = highest predicted IoU, first = output 0 (never the label)")
+    out.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png")
+    out.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
+    out.add_argument("--reference", default=None,
+                     help="label file (or folder matched by case name): also score 3-D DSC / HD95 / NSD per object")
+    out.add_argument("--nsd_tolerance", type=positive_float, default=2.0, help="NSD tolerance (mm; pixels for 2-D images)")
+    _model_group(p)
+    p.add_argument("--model_weight", default=None,
+                   help="MedSegX checkpoint; omitted = the backbone alone with adapters at zero")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward")
+    run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"])
+    run.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
+                     help="the GPU to use (one); none present: the CPU")
+    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    run.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     return p

@@ -4,6 +4,7 @@
     medsegx finetune ...            = python finetune.py ...
     medsegx evaluate-internal ...   = python evaluate_internal.py ...
     medsegx evaluate-external ...   = python evaluate_external.py ...
+    medsegx predict ...             = python predict.py ...
     medsegx prepare ...             = python prepare_data.py ...
     medsegx params --model_type vit_b
     medsegx compare A.csv B.csv --labels zero-shot ConMoAE
@@ -66,6 +67,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             lambda prog: cli_args.eval_parser("MedSegX external (OOD / RealWorld) evaluation", external=True,
                                               prog=prog),
             "medsegx.recipes.evaluate:run_external", "evaluate_external.py", distributed=True),
+    Command("predict", "segment your own scans (a volume or image in, a mask in its geometry out)",
+            cli_args.predict_parser, "medsegx.recipes.predict:run", "predict.py", distributed=True),
     Command("prepare", "convert NIfTI / NRRD / MHA / DICOM / PNG data into MedSegDB slices",
             cli_args.prepare_parser, "medsegx.recipes.prepare:run", "prepare_data.py"),
     Command("params", "trainable parameters of a model type, by part", cli_args.params_parser,

@@ -16,8 +16,10 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """medsegx modules imported by ``path`` at any level of its code (function-level imports count too)."""
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """medsegx modules imported by ``path`` at any level of its code (function-level imports count too).
+    ``from pkg import submodule`` imports the submodule (and the package's ``__init__`` only when a name
+    of its own is taken from it)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
@@ -32,8 +34,10 @@ def _imports(path: Path) -> set[str]:
             else:
                 target = node.module or ""
             if target.startswith("medsegx"):
-                found.add(target)
-                found.update(f"{target}.{a.name}" for a in node.names)
+                subs = {f"{target}.{a.name}" for a in node.names}
+                found.update(subs & modules)
+                if subs - modules:
+                    found.add(target)
     return found
 
 
@@ -41,7 +45,7 @@ def _graph() -> dict[str, set[str]]:
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
-        deps = {d for d in _imports(path) if d in modules and d != name}
+        deps = {d for d in _imports(path, set(modules)) if d in modules and d != name}
         # importing a package runs its __init__, a module of its own
         graph[name] = deps
     return graph

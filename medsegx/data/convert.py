@@ -62,7 +62,9 @@ a slice before and after resampling (``spacing_256``, millimetres per pixel of t
 rows, cols), the intensity mapping, and per slice (by file name) its case, slice id, split and
 ``spacing_256``. :func:`slice_spacing` reads the latter for physical metrics;
 :func:`write_back_prediction` uses a case entry to write predicted slices back as a volume in the
-original geometry.
+original geometry. :func:`slice_stack` / :func:`model_slice` and their inverse :func:`mask_to_plane` /
+:func:`stack_to_image` are this one path from an image to the model's slices and back; prediction
+(``medsegx.inference``, ``predict.py``) goes through them too.
 """
 from __future__ import annotations
 
@@ -461,6 +463,41 @@ def check_geometry(image: sitk.Image, label: sitk.Image, image_path: Path, label
         raise ConversionError(f"{where}: direction {gl['direction']} vs {gi['direction']}")
 
 
+def check_label_geometry(image: sitk.Image | sitk.ImageFileReader, label: sitk.Image | sitk.ImageFileReader,
+                         image_path: str | Path, label_path: str | Path, tolerance: float = 0.01) -> None:
+    """A label must have its image's dimension and size (and for volumes spacing, origin and
+    direction, see :func:`check_geometry`). Takes images or ``sitk.ImageFileReader`` headers."""
+    dim = image.GetDimension()
+    if label.GetDimension() != dim:
+        raise ConversionError(f"label {label_path} is {label.GetDimension()}-D but image {image_path} is {dim}-D")
+    if dim == 2:
+        if tuple(image.GetSize()) != tuple(label.GetSize()):
+            raise ConversionError(f"label {label_path} does not match image {image_path}: "
+                                  f"size {list(label.GetSize())} vs {list(image.GetSize())}")
+    else:
+        try:
+            check_geometry(image, label, Path(image_path), Path(label_path), tolerance)
+        except ConversionError as err:
+            series = series_info(image) if isinstance(image, sitk.Image) else {}
+            if series.get("other_series"):
+                others = ", ".join(f"{uid} ({n} files)" for uid, n in series["other_series"].items())
+                raise ConversionError(f"{err}; {image_path} holds several DICOM series: {series['series_uid']} "
+                                      f"({image.GetSize()[2]} slices) was read, the label may belong to "
+                                      f"{others}: give each series its own folder") from None
+            raise
+
+
+def read_label(label_path: str | Path, image: sitk.Image, image_path: str | Path,
+               tolerance: float = 0.01) -> np.ndarray:
+    """The label of ``image`` (also a prompt or reference mask) as a non-negative integer array in the
+    image's stored order, after :func:`check_label_geometry`. ``image`` may also be a
+    ``sitk.ImageFileReader`` that has read the image's header. Raises :class:`ConversionError`.
+    """
+    label = read_image(label_path)
+    check_label_geometry(image, label, image_path, label_path, tolerance)
+    return _label_array(label, Path(label_path), image.GetDimension() == 2)
+
+
 def _label_array(label: sitk.Image, path: Path, is_2d: bool) -> np.ndarray:
     arr = sitk.GetArrayFromImage(label)
     if label.GetNumberOfComponentsPerPixel() > 1:
@@ -603,6 +640,165 @@ def _to_uint8_rgb(display: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out[..., :3])
 
 
+# --------------------------------------------------------------------------- the canonical slice stack
+# One path from an image file to the slices the model sees, and back: conversion (prepare_data.py)
+# and prediction (predict.py) both go through these functions.
+
+
+@dataclass
+class SliceStack:
+    """An image as it is sliced: the stored array re-ordered to the canonical orientation.
+
+    ``volume`` is numpy-ordered (z, y, x) after the axis permutation/flips (``[None]`` added for a
+    2-D image; a colour image keeps its trailing channel axis). ``record`` holds the geometry
+    fields of a ``meta.json`` case entry (``kind`` .. ``spacing_256``), which is all
+    :func:`stack_to_image` needs to put a canonical array back into the original geometry.
+    ``is_8bit``: a 2-D uint8 image (a photograph or screenshot), display-ready as it is.
+    """
+
+    volume: np.ndarray
+    record: dict
+    is_8bit: bool = False
+
+    @property
+    def is_2d(self) -> bool:
+        return self.record["kind"] == "image2d"
+
+    @property
+    def axis_index(self) -> int:
+        """The numpy axis of :attr:`volume` that is sliced."""
+        return 0 if self.record["axis"] is None else AXES.index(self.record["axis"])
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.record["n_slices"])
+
+    def to_canonical(self, stored: np.ndarray) -> np.ndarray:
+        """Another array of the image's stored shape (a label) in this stack's canonical order."""
+        if self.is_2d:
+            return stored[None]
+        return _to_canonical(stored, self.record["perm"], self.record["flip"])
+
+    def plane(self, k: int, volume: np.ndarray | None = None) -> np.ndarray:
+        """Slice ``k`` of :attr:`volume` (or of a canonical ``volume`` of the same shape), rows as shown."""
+        return _take(self.volume if volume is None else volume, self.axis_index, k, bool(self.record["flip_rows"]))
+
+
+def slice_stack(image: sitk.Image, source: str | Path, axis: str = "axial", orient: str = "LPS") -> SliceStack:
+    """The canonical slice stack of a 2-D or 3-D image read from ``source`` (a file or DICOM folder).
+
+    Volumes are re-ordered to LPS (``orient="LPS"``, a permutation/flip without interpolation) or
+    kept in stored order (``"none"``) and sliced along ``axis``; coronal and sagittal slices are
+    flipped to put superior at the top. Raises :class:`ConversionError` naming ``source`` for a 4-D
+    or vector-valued volume.
+    """
+    source = Path(source)
+    if axis not in AXES or orient not in ("LPS", "none"):
+        raise ValueError(f"axis must be one of {AXES} and orient 'LPS' or 'none', got {axis!r}, {orient!r}")
+    check_image_dimensions(image, source)
+    is_2d = image.GetDimension() == 2
+    arr = sitk.GetArrayFromImage(image)
+    geometry = _geometry(image)
+    if is_2d:
+        if arr.ndim == 3:
+            arr = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., 0]
+        volume = arr[None]
+        perm, flip, axis_i, flip_rows = [0, 1, 2], [False, False, False], 0, False
+        sx, sy = geometry["spacing"]
+        in_plane, thickness = (sy, sx), 1.0
+    else:
+        perm, flip = orientation_plan(geometry["direction"]) if orient == "LPS" else ([0, 1, 2], [False] * 3)
+        volume = _to_canonical(arr, perm, flip)
+        canonical_spacing = [geometry["spacing"][p] for p in perm]
+        axis_i, in_plane, thickness = _slice_plane(canonical_spacing, axis)
+        flip_rows = orient == "LPS" and axis != "axial"
+    shape = list(volume.shape[:3])
+    plane_shape = [n for i, n in enumerate(shape) if i != axis_i]
+    record = {
+        "kind": "image2d" if is_2d else ("dicom" if source.is_dir() else "volume"),
+        **geometry,
+        "orientation": None if is_2d else sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+            geometry["direction"]),
+        "canonical": None if is_2d or orient == "none" else "LPS",
+        "perm": perm, "flip": flip, "axis": None if is_2d else axis, "flip_rows": flip_rows,
+        "canonical_shape": shape, "n_slices": int(shape[axis_i]),
+        "slice_shape": plane_shape, "slice_spacing": [float(v) for v in in_plane],
+        "slice_thickness": float(thickness),
+        "spacing_256": [in_plane[0] * plane_shape[0] / TARGET_SIZE, in_plane[1] * plane_shape[1] / TARGET_SIZE],
+    }
+    return SliceStack(volume, record, is_8bit=is_2d and arr.dtype == np.uint8)
+
+
+def check_image_dimensions(image: sitk.Image | sitk.ImageFileReader, source: str | Path) -> None:
+    """A 2-D image (grey or colour) or a 3-D scalar volume; else :class:`ConversionError` naming ``source``.
+
+    Also takes a ``sitk.ImageFileReader`` that has read the header, to check before reading pixels.
+    """
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise ConversionError(f"{source}: {dim}-D image not supported (split channels/time first)")
+    get_components = getattr(image, "GetNumberOfComponentsPerPixel", None) or image.GetNumberOfComponents
+    n_comp = get_components()
+    if dim == 3 and n_comp > 1:
+        raise ConversionError(f"{source}: vector-valued volume ({n_comp} components) not supported")
+
+
+def stack_intensity(stack: SliceStack, modality: str, task: str, window: tuple[float, float] | None = None,
+                    percentiles: tuple[float, float] = DEFAULT_PERCENTILES, cache: dict | None = None) -> dict:
+    """The intensity mapping of ``stack`` for ``task`` (see :func:`intensity_bounds`).
+
+    A 2-D 8-bit image without a forced ``window`` is kept as it is (``{"mode": "none"}``). Windows
+    differ by task, percentile bounds do not: ``cache`` (a dict kept per case) computes each
+    mapping once.
+    """
+    if stack.is_8bit and window is None:
+        return {"mode": "none"}
+    key = window or (default_window(modality, task) if modality in HU_MODALITIES else None)
+    if cache is None:
+        cache = {}
+    if key not in cache:
+        cache[key] = intensity_bounds(stack.volume, modality, task, window, percentiles)
+    return cache[key]
+
+
+def model_slice(stack: SliceStack, k: int, bounds: dict) -> np.ndarray:
+    """Slice ``k`` as the model sees it: intensity-mapped, resampled, (256, 256, 3) uint8."""
+    plane = stack.plane(k)
+    display = plane.astype(np.float32) if bounds["mode"] == "none" else to_display(plane, bounds)
+    return _to_uint8_rgb(resize_image(display))
+
+
+def mask_to_plane(mask: np.ndarray, record: Mapping) -> np.ndarray:
+    """A (256, 256) mask (> 0 is foreground) back onto its slice of the canonical stack: bool plane.
+
+    The inverse of :func:`model_slice`'s resampling (nearest neighbour on pixel centres) and row flip.
+    """
+    plane = resize_mask(np.asarray(mask) > 0, tuple(record["slice_shape"]))
+    return plane[::-1] if record.get("flip_rows") else plane
+
+
+def put_plane(volume: np.ndarray, record: Mapping, k: int, plane: np.ndarray) -> None:
+    """Write ``plane`` (from :func:`mask_to_plane`) as slice ``k`` of a canonical ``volume``."""
+    axis_name = record.get("axis")
+    index: list = [slice(None)] * 3
+    index[0 if axis_name is None else AXES.index(axis_name)] = k
+    volume[tuple(index)] = plane
+
+
+def stack_to_image(volume: np.ndarray, record: Mapping) -> sitk.Image:
+    """A canonical array (``record["canonical_shape"]``) as an image with the original size, spacing,
+    origin and direction: the inverse of :func:`slice_stack`'s re-ordering (2-D images: 2-D)."""
+    if record.get("kind") == "image2d":
+        array = volume[0]
+    else:
+        array = np.ascontiguousarray(_from_canonical(volume, record["perm"], record["flip"]))
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(record["spacing"])
+    image.SetOrigin(record["origin"])
+    image.SetDirection(record["direction"])
+    return image
+
+
 # --------------------------------------------------------------------------- one case
 
 
@@ -644,67 +840,22 @@ def convert_case(image_path: str | Path, label_path: str | Path, cfg: ConvertCon
     if cfg.ood_site and split is None:
         raise ConversionError(f"{image_path}: an OOD site conversion needs the case's split")
     image = read_image(image_path)
-    label = read_image(label_path)
-    dim = image.GetDimension()
-    if dim not in (2, 3):
-        raise ConversionError(f"{image_path}: {dim}-D image not supported (split channels/time first)")
-    if label.GetDimension() != dim:
-        raise ConversionError(f"label {label_path} is {label.GetDimension()}-D but image {image_path} is {dim}-D")
-    is_2d = dim == 2
-    n_comp = image.GetNumberOfComponentsPerPixel()
-    if not is_2d and n_comp > 1:
-        raise ConversionError(f"{image_path}: vector-valued volume ({n_comp} components) not supported")
-    if is_2d:
-        if image.GetSize() != label.GetSize():
-            raise ConversionError(f"label {label_path} does not match image {image_path}: "
-                                  f"size {list(label.GetSize())} vs {list(image.GetSize())}")
-    else:
-        try:
-            check_geometry(image, label, image_path, label_path, cfg.geometry_tolerance)
-        except ConversionError as err:
-            series = series_info(image)
-            if series.get("other_series"):
-                others = ", ".join(f"{uid} ({n} files)" for uid, n in series["other_series"].items())
-                raise ConversionError(f"{err}; {image_path} holds several DICOM series: {series['series_uid']} "
-                                      f"({image.GetSize()[2]} slices) was read, the label may belong to "
-                                      f"{others}: give each series its own folder") from None
-            raise
-    image_arr = sitk.GetArrayFromImage(image)
-    label_arr = _label_array(label, label_path, is_2d)
-    geometry = _geometry(image)
-
-    if is_2d:
-        if image_arr.ndim == 3:
-            image_arr = image_arr[..., :3] if image_arr.shape[-1] >= 3 else image_arr[..., 0]
-        # 8-bit 2-D images are display-ready (photographs, screenshots of scans): keep them
-        keep_8bit = image_arr.dtype == np.uint8 and cfg.window is None
-        if label_arr.max() > max(v for values in cfg.labels_map.values() for v in values) and len(cfg.labels_map) == 1:
-            # 0/255 (or lossy JPEG) masks of a single task: threshold at half range
-            label_arr = (label_arr >= 128).astype(np.int32) * cfg.labels_map[next(iter(cfg.labels_map))][0]
-        image_vol, label_vol = image_arr[None], label_arr[None]
-        perm, flip, axis, flip_rows = [0, 1, 2], [False, False, False], 0, False
-        sx, sy = geometry["spacing"]
-        in_plane, thickness = (sy, sx), 1.0
-    else:
-        keep_8bit = False
-        if cfg.orient == "LPS":
-            perm, flip = orientation_plan(geometry["direction"])
-        else:
-            perm, flip = [0, 1, 2], [False, False, False]
-        image_vol = _to_canonical(image_arr, perm, flip)
-        label_vol = _to_canonical(label_arr, perm, flip)
-        canonical_spacing = [geometry["spacing"][p] for p in perm]
-        axis, in_plane, thickness = _slice_plane(canonical_spacing, cfg.axis)
-        flip_rows = cfg.orient == "LPS" and cfg.axis != "axial"
+    stack = slice_stack(image, image_path, cfg.axis, cfg.orient)
+    is_2d = stack.is_2d
+    label_arr = read_label(label_path, image, image_path, cfg.geometry_tolerance)
+    if is_2d and label_arr.max() > max(v for values in cfg.labels_map.values() for v in values) \
+            and len(cfg.labels_map) == 1:
+        # 0/255 (or lossy JPEG) masks of a single task: threshold at half range
+        label_arr = (label_arr >= 128).astype(np.int32) * cfg.labels_map[next(iter(cfg.labels_map))][0]
+    label_vol = stack.to_canonical(label_arr)
 
     known = {v for values in cfg.labels_map.values() for v in values}
     unknown = sorted(set(np.unique(label_vol).tolist()) - known - {0})
     if unknown:
         logger.warning("%s: label values %s are not in the label map; ignored", label_path, unknown)
 
-    n_slices = image_vol.shape[axis]
-    plane_shape = list(np.take(label_vol, 0, axis=axis).shape)
-    spacing_256 = [in_plane[0] * plane_shape[0] / TARGET_SIZE, in_plane[1] * plane_shape[1] / TARGET_SIZE]
+    axis = stack.axis_index
+    spacing_256 = stack.record["spacing_256"]
     result = CaseResult(case=case, image=image_path, label=label_path, split=split)
     bounds_cache: dict[tuple, dict] = {}
     image_cache: dict[tuple, np.ndarray] = {}
@@ -716,45 +867,27 @@ def convert_case(image_path: str | Path, label_path: str | Path, cfg: ConvertCon
         if present.size == 0:
             result.absent.append(task)
             logger.info("%s: no voxel of %s (values %s)", label_path, task, list(values))
-        candidates = range(n_slices) if cfg.keep_empty else present.tolist()
-        if keep_8bit:
-            bounds = {"mode": "none"}
-        else:
-            # windows differ by task, percentile bounds do not: compute each mapping once per case
-            key = cfg.window or (default_window(cfg.modality, task) if cfg.modality in HU_MODALITIES else None)
-            if key not in bounds_cache:
-                bounds_cache[key] = intensity_bounds(image_vol, cfg.modality, task, cfg.window, cfg.percentiles)
-            bounds = bounds_cache[key]
+        candidates = range(stack.n_slices) if cfg.keep_empty else present.tolist()
+        bounds = stack_intensity(stack, cfg.modality, task, cfg.window, cfg.percentiles, bounds_cache)
         _remove_case_slices(cfg, task, case)
         out_dir = cfg.slice_dir(task, split)
         (out_dir / "npy_imgs").mkdir(parents=True, exist_ok=True)
         (out_dir / "npy_gts").mkdir(parents=True, exist_ok=True)
         written: list[int] = []
         for k in candidates:
-            gt = resize_mask(_take(task_mask, axis, k, flip_rows)).astype(np.uint8)
+            gt = resize_mask(stack.plane(k, task_mask)).astype(np.uint8)
             if not cfg.keep_empty and int(gt.sum()) < cfg.min_pixels:
                 continue  # foreground too small to survive the 256 grid
             cache_key = (bounds.get("mode"), bounds.get("lo"), bounds.get("hi"), k)
             if cache_key not in image_cache:
-                plane = _take(image_vol, axis, k, flip_rows)
-                display = plane.astype(np.float32) if bounds["mode"] == "none" else to_display(plane, bounds)
-                image_cache[cache_key] = _to_uint8_rgb(resize_image(display))
+                image_cache[cache_key] = model_slice(stack, k, bounds)
             name = slice_name(case, k)
             np.save(out_dir / "npy_imgs" / name, image_cache[cache_key])
             np.save(out_dir / "npy_gts" / name, gt)
             written.append(int(k))
         result.entries[task] = {
             "image": str(image_path), "label": str(label_path), "label_values": list(values),
-            "kind": "image2d" if is_2d else ("dicom" if image_path.is_dir() else "volume"),
-            **geometry,
-            "orientation": None if is_2d else sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
-                geometry["direction"]),
-            "canonical": None if is_2d or cfg.orient == "none" else "LPS",
-            "perm": perm, "flip": flip, "axis": None if is_2d else cfg.axis, "flip_rows": flip_rows,
-            "canonical_shape": list(label_vol.shape), "n_slices": int(n_slices),
-            "slice_shape": plane_shape, "slice_spacing": [float(v) for v in in_plane],
-            "slice_thickness": float(thickness), "spacing_256": spacing_256,
-            "split": split, "intensity": bounds, "slices": written,
+            **stack.record, "split": split, "intensity": bounds, "slices": written,
             # a 2-D picture (PNG, JPEG, ...) carries no physical pixel size: no millimetre metrics
             "spacing_known": not is_2d, **series_info(image),
         }
@@ -885,7 +1018,6 @@ def write_back_prediction(slices_dict: Mapping[int | str, np.ndarray], meta: Map
     axis_name = meta.get("axis")
     axis = 0 if axis_name is None else AXES.index(axis_name)
     volume = np.zeros(shape, dtype=np.uint8)
-    plane_shape = tuple(meta["slice_shape"])
     for key, mask in slices_dict.items():
         k = parse_slice_name(key)[1] if isinstance(key, str) else int(key)
         if not 0 <= k < shape[axis]:
@@ -894,20 +1026,8 @@ def write_back_prediction(slices_dict: Mapping[int | str, np.ndarray], meta: Map
         mask = mask.reshape(mask.shape[-2:]) if mask.ndim == 3 else mask
         if mask.ndim != 2:
             raise ValueError(f"slice {key}: expected a (H, W) mask, got shape {mask.shape}")
-        plane = resize_mask(mask > 0, plane_shape).astype(np.uint8) * np.uint8(label_value)
-        if meta.get("flip_rows"):
-            plane = plane[::-1]
-        index = [slice(None)] * 3
-        index[axis] = k
-        volume[tuple(index)] = plane
-    if meta.get("kind") == "image2d":
-        array = volume[0]
-    else:
-        array = np.ascontiguousarray(_from_canonical(volume, meta["perm"], meta["flip"]))
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(meta["spacing"])
-    image.SetOrigin(meta["origin"])
-    image.SetDirection(meta["direction"])
+        put_plane(volume, meta, k, mask_to_plane(mask, meta).astype(np.uint8) * np.uint8(label_value))
+    image = stack_to_image(volume, meta)
     if out_path is not None:
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TAXONOMY = Path(__file__).with_name("taxonomy.json")
@@ -33,7 +35,7 @@ _LEVELS = ("body_part", "subregion", "organ", "target")
 _SIDES = ("left", "right")
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(UserError, ValueError):
     """The taxonomy file is inconsistent, or a name cannot be resolved against it."""
 
 

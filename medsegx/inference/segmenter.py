@@ -1,0 +1,140 @@
+"""The notebook API: ``Segmenter.load(...)``, then ``segment`` (numpy) or ``segment_file`` (a scan on disk).
+
+    from medsegx import Segmenter
+    seg = Segmenter.load("lite")                     # or Segmenter.load("vit_b", checkpoint=..., weights=...)
+    mask = seg.segment(image, box=(x0, y0, x1, y1), modality="CT", task="Liver")
+    seg.segment_file("ct.nii.gz", box=(x0, y0, z0, x1, y1, z1), out="ct_liver.nii.gz", modality="CT", task="Liver")
+
+Both run the command's code path (:func:`~medsegx.inference.case.predict_case`): the same
+preprocessing as ``prepare_data.py``, the same label-free output selection, the same write-back.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from ..data.convert import DEFAULT_PERCENTILES, parse_labels_map, parse_window, read_label
+from .case import (
+    CasePrediction,
+    PredictOptions,
+    predict_case,
+    read_case_image,
+    write_image_atomic,
+    write_json_atomic,
+    write_overlay,
+)
+from .prompts import ObjectPrompt, PromptError, case_name, check_label, parse_box
+from .runner import SliceRunner
+
+
+class Segmenter:
+    """A model ready to segment images with box prompts (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, batch_size: int = 8,
+                 use_amp: bool = False, amp_dtype: str | None = None, select: str = "iou",
+                 progress: bool = False) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.runner = SliceRunner(self.model, self.device, batch_size=batch_size, amp=use_amp,
+                                  amp_dtype=amp_dtype, select=select)
+        self.progress = progress
+
+    @classmethod
+    def load(cls, model_type: str = "lite", *, checkpoint: str | Path | None = None,
+             weights: str | Path | None = None, device: str | torch.device | None = None, fast: bool = True,
+             **kwargs) -> Segmenter:
+        """Build ``model_type`` (``lite``, ``vit_b``, ...) with its base weights (``checkpoint``: the
+        folder or file of Meta's SAM weights; not needed for ``lite``) and MedSegX ``weights``.
+
+        ``device`` defaults to the first GPU if there is one; other keyword arguments go to
+        :class:`Segmenter` (``batch_size``, ``use_amp``, ``select``, ``progress``).
+        """
+        from ..model import build_model
+
+        model = build_model(model_type, checkpoint=checkpoint, model_weight=weights, fast=fast)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model, device, **kwargs)
+
+    # ------------------------------------------------------------------ numpy in, numpy out
+    def segment(self, image: np.ndarray, box: Sequence[int] | None = None, *, modality: str,
+                task: str | None = None, prompt_mask: np.ndarray | None = None,
+                labels_map: str | Mapping | None = None, label: int = 1, propagate: bool = False,
+                box_margin: int = 0, window: str | tuple[float, float] | None = None,
+                percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
+        """Segment a numpy image; returns a uint8 label map of the image's spatial shape.
+
+        Args:
+            image: (H, W) or (H, W, 3) 2-D, or (Z, Y, X) volume (numpy order, as
+                ``sitk.GetArrayFromImage`` returns it); taken in its stored order (no re-orientation).
+            box: (x0, y0, x1, y1) or (x0, y0, z0, x1, y1, z1), inclusive indices (x = column).
+            prompt_mask: instead of a box, an integer mask of the image's spatial shape: one object per
+                value (or per entry of ``labels_map``: ``"5:Liver,1:Spleen"`` or ``{5: "Liver"}``), boxes
+                from it per slice.
+            label: the value written for ``box``'s object.
+            window, percentiles: intensity mapping as ``prepare_data.py`` (default: by modality and task).
+        """
+        array = np.asarray(image)
+        colour = array.ndim == 3 and array.shape[-1] == 3
+        if array.ndim not in (2, 3):
+            raise ValueError(f"image must be (H, W), (H, W, 3) or (Z, Y, X), got shape {array.shape}")
+        sitk_image = sitk.GetImageFromArray(array, isVector=colour)
+        mask = None
+        if prompt_mask is not None:
+            mask = np.asarray(prompt_mask)
+            spatial = array.shape[:2] if colour else array.shape
+            if mask.shape != spatial or not np.issubdtype(mask.dtype, np.integer) or mask.min(initial=0) < 0:
+                raise PromptError(f"prompt_mask must be a non-negative integer array of shape {spatial}, "
+                                  f"got {mask.dtype} {mask.shape}")
+        prediction = self._predict("image", sitk_image, Path("image"), box, mask, modality, task, labels_map,
+                                   label, propagate, box_margin, window, percentiles, "axial", "none")
+        return prediction.array
+
+    # ------------------------------------------------------------------ a file in, a file out
+    def segment_file(self, path: str | Path, box: Sequence[int] | None = None, *, modality: str,
+                     task: str | None = None, out: str | Path | None = None,
+                     prompt_mask: str | Path | None = None, labels_map: str | Mapping | None = None,
+                     label: int = 1, propagate: bool = False, box_margin: int = 0,
+                     window: str | tuple[float, float] | None = None,
+                     percentiles: tuple[float, float] = DEFAULT_PERCENTILES, axis: str = "axial",
+                     orient: str = "LPS", log: str | Path | None = None,
+                     overlay: str | Path | None = None) -> CasePrediction:
+        """Segment a scan file (volume, DICOM folder, 2-D image, .npy slice) as ``predict.py`` does.
+
+        The box is in the file's stored voxel indices. Writes the label map to ``out`` (the input's
+        geometry), the per-slice record to ``log`` and an overlay PNG to ``overlay`` when given.
+        Returns the :class:`~medsegx.inference.case.CasePrediction` (``.array``, ``.image``, ``.log()``).
+        """
+        path = Path(path)
+        image = read_case_image(path)
+        mask = read_label(prompt_mask, image, path) if prompt_mask is not None else None
+        prediction = self._predict(case_name(path), image, path, box, mask, modality, task, labels_map, label,
+                                   propagate, box_margin, window, percentiles, axis, orient)
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            write_image_atomic(prediction.image, out)
+        if log is not None:
+            write_json_atomic({"input": str(path), **prediction.log()}, log)
+        if overlay is not None:
+            write_overlay(prediction, overlay)
+        return prediction
+
+    def _predict(self, case: str, image: sitk.Image, source: Path, box, mask, modality, task, labels_map, label,
+                 propagate, box_margin, window, percentiles, axis, orient) -> CasePrediction:
+        if (box is None) == (mask is None):
+            raise PromptError("give exactly one prompt: box=... or prompt_mask=...")
+        prompts = None
+        if box is not None:
+            prompts = [ObjectPrompt(label=check_label(label, "label"), box=parse_box(list(box), "box"))]
+        if isinstance(labels_map, (str, Mapping)):
+            labels_map = parse_labels_map(labels_map)
+        if isinstance(window, str):
+            window = parse_window(window)
+        opts = PredictOptions(modality=modality, task=task, window=window, percentiles=tuple(percentiles),
+                              axis=axis, orient=orient, propagate=propagate, box_margin=int(box_margin),
+                              labels_map=labels_map)
+        return predict_case(self.runner, case, image, source, prompts, opts, mask, progress=self.progress)

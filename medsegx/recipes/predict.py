@@ -1,0 +1,305 @@
+"""Prediction (predict.py, ``medsegx predict``): a user's own scans in, masks in their geometry out.
+
+The prompts, the batched forwards and the write-back live in :mod:`medsegx.inference`; the flags and
+their description in :func:`medsegx.args.predict_parser`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from .. import runtime
+from ..data.convert import (
+    IMAGE2D_EXTENSIONS,
+    VOLUME_EXTENSIONS,
+    ConversionError,
+    check_image_dimensions,
+    check_label_geometry,
+    find_images,
+    find_label,
+    parse_labels_map,
+    parse_window,
+    read_label,
+)
+from ..data.taxonomy import load_taxonomy
+from ..errors import UserError
+from ..inference.case import (
+    PIXEL_ONLY_EXTENSIONS,
+    PredictOptions,
+    describe_scores,
+    output_suffix,
+    predict_case,
+    read_case_image,
+    score_reference,
+    write_image_atomic,
+    write_json_atomic,
+    write_overlay,
+)
+from ..inference.prompts import (
+    NPY_EXTENSION,
+    ObjectPrompt,
+    case_name,
+    check_box_inside,
+    check_label,
+    load_prompts_file,
+    parse_box,
+)
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FILES = (*VOLUME_EXTENSIONS, *IMAGE2D_EXTENSIONS, NPY_EXTENSION)
+
+
+class PredictError(UserError, ValueError):
+    """A problem with the command's input found before any work: one line naming what is wrong."""
+
+
+# --------------------------------------------------------------------------- planning (before any work)
+
+
+@dataclass
+class Job:
+    case: str
+    image: Path
+    output: Path
+    objects: list[ObjectPrompt] | None = None
+    prompt_mask: Path | None = None
+    reference: Path | None = None
+
+
+def list_inputs(spec: str) -> tuple[list[tuple[str, Path]], list[tuple[Path, str]]]:
+    """Cases of ``-i`` as (name, path), and the entries of an input folder that are not images."""
+    if any(ch in spec for ch in "*?["):
+        try:
+            paths = find_images(spec)
+        except FileNotFoundError as err:
+            raise PredictError(str(err)) from None
+        return [(case_name(p), p) for p in paths], []
+    root = Path(spec)
+    if not root.exists():
+        raise PredictError(f"{root}: no such file or folder")
+    if root.is_file():
+        if not root.name.lower().endswith(SUPPORTED_FILES):
+            raise PredictError(f"{root}: not an image file (supported: {' '.join(SUPPORTED_FILES)})")
+        return [(case_name(root), root)], []
+    try:
+        found = find_images(root)
+    except FileNotFoundError:
+        found = []
+    if found == [root]:
+        return [(case_name(root), root)], []  # the folder is one DICOM series
+    found += [p for p in sorted(root.iterdir()) if p.is_file() and p.name.lower().endswith(NPY_EXTENSION)]
+    ignored = []
+    for entry in sorted(root.iterdir()):
+        if entry in found or entry.name.startswith("."):
+            continue
+        why = "a folder without a DICOM series" if entry.is_dir() else \
+            f"not an image file (supported: {' '.join(SUPPORTED_FILES)})"
+        ignored.append((entry, why))
+    if not found:
+        raise PredictError(f"{root}: no image or DICOM series found")
+    return [(case_name(p), p) for p in sorted(found)], ignored
+
+
+def _read_header(path: Path) -> sitk.Image | sitk.ImageFileReader:
+    """What the checks need (dimension, size, geometry) without reading the pixels of a file."""
+    if path.is_dir() or path.name.lower().endswith(NPY_EXTENSION):
+        return read_case_image(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        raise ConversionError(f"{path}: cannot read image ({lines[-1] if lines else err})") from None
+    return reader
+
+
+def _matching(spec: str | None, flag: str, name: str, image: Path, n_cases: int) -> Path | None:
+    """The file of ``flag`` (a file for one case, or a folder matched by case name) for a case."""
+    if spec is None:
+        return None
+    path = Path(spec)
+    if path.is_file():
+        if n_cases > 1:
+            raise PredictError(f"{flag} {path} is one file but the input holds {n_cases} cases: "
+                               "give a folder whose files are named like the cases")
+        return path
+    if path.is_dir():
+        try:
+            return find_label(image, path)
+        except ConversionError:
+            return None
+    raise PredictError(f"{flag} {path}: no such file or folder")
+
+
+def _check_output_folder(out: Path, inputs: list[Path], folder_input: bool) -> None:
+    """The output folder exists (or is created) and is writable; it is never an input folder."""
+    target = out.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if folder_input:  # a folder of cases (or one DICOM series): nothing is written in or below it
+            inside = target == source or source in target.parents
+        else:
+            inside = target == source.parent or target == source
+        if inside:
+            raise PredictError(f"-o {out}: inside the input {source}; predictions are never written into input folders")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".medsegx-write-test-"):
+            pass
+    except OSError as err:
+        raise PredictError(f"-o {out}: output folder is not writable ({err.strerror or err})") from None
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
+    """Every check that can fail before the model is built; returns the jobs and report lines."""
+    load_taxonomy().canonical_modality(args.modality)  # an unknown modality: an error listing the known ones
+    _window(args.window)
+    out = Path(args.output)
+    if args.propagate and args.prompt_mask is not None:
+        raise PredictError("--propagate starts from a box (--box or --prompts), not from --prompt_mask")
+    if args.labels_map is not None and args.prompt_mask is None:
+        raise PredictError("--labels_map selects values of --prompt_mask; it needs --prompt_mask")
+    labels_map = None
+    if args.labels_map is not None:
+        try:
+            labels_map = parse_labels_map(args.labels_map)
+        except ValueError as err:
+            raise PredictError(f"--labels_map: {err}") from None
+    box = parse_box(args.box, "--box") if args.box is not None else None
+    check_label(args.label, "--label")
+    if args.label != 1 and box is None:
+        raise PredictError("--label is the value of --box's object (--prompts give 'label' per object; "
+                           "--prompt_mask keeps its own values)")
+    by_case = load_prompts_file(args.prompts) if args.prompts else None
+    cases, ignored = list_inputs(args.input)
+    report = [f"skip {path}: {why}" for path, why in ignored]
+
+    names = {}
+    for name, path in cases:
+        if name in names:
+            raise PredictError(f"inputs {names[name]} and {path} are both case {name!r}; their outputs would collide")
+        names[name] = path
+    masks = {name: _matching(args.prompt_mask, "--prompt_mask", name, path, len(cases)) for name, path in cases}
+    references = {name: _matching(args.reference, "--reference", name, path, len(cases)) for name, path in cases}
+    # masks and references may sit among the images (case.nii.gz + case_seg.nii.gz): they are not cases
+    used = {p.resolve() for p in (*masks.values(), *references.values()) if p is not None}
+    cases = [(name, path) for name, path in cases if path.resolve() not in used]
+    if by_case is not None:
+        missing = sorted(set(by_case) - {name for name, _ in cases})
+        if missing:
+            raise PredictError(f"{args.prompts} names case(s) not in the input: {', '.join(missing)} "
+                               f"(input cases: {', '.join(name for name, _ in cases)})")
+    globbed = any(ch in args.input for ch in "*?[")
+    _check_output_folder(out, [p for _, p in cases] if globbed else [Path(args.input)],
+                         folder_input=not globbed and Path(args.input).is_dir())
+
+    jobs = []
+    for name, path in cases:
+        try:
+            header = _read_header(path)
+            check_image_dimensions(header, path)
+        except ConversionError as err:
+            if len(cases) == 1:
+                raise
+            report.append(f"skip {path}: {err}")
+            continue
+        output = out / (name + output_suffix("image2d" if header.GetDimension() == 2 else "volume"))
+        if output.exists() and not args.overwrite:
+            report.append(f"keep {output} (exists; --overwrite replaces it)")
+            continue
+        if by_case is not None and name not in by_case:
+            report.append(f"skip {path}: no prompt for case {name!r} in {args.prompts}")
+            continue
+        if args.prompt_mask is not None and masks[name] is None:
+            report.append(f"skip {path}: no prompt mask named like case {name!r} in {args.prompt_mask}")
+            continue
+        job = Job(name, path, output, prompt_mask=masks[name], reference=references[name])
+        if box is not None:
+            job.objects = [ObjectPrompt(label=args.label, box=box)]
+        elif by_case is not None:
+            job.objects = by_case[name]
+        for obj in job.objects or ():
+            check_box_inside(obj.box, header.GetSize(), f"case {name!r} ({path})")
+        if job.prompt_mask is not None:
+            values = read_label(job.prompt_mask, header, path)  # size and geometry must match the image
+            if values.max(initial=0) > 255 and labels_map is None:
+                raise PredictError(f"--prompt_mask {job.prompt_mask}: values above 255 (max {values.max()}); "
+                                   "outputs are uint8: choose values with --labels_map")
+        if job.reference is not None:
+            check_label_geometry(header, _read_header(job.reference), path, job.reference)
+        if args.reference is not None and job.reference is None:
+            report.append(f"{name}: no reference named like the case in {args.reference}; not scored")
+        jobs.append(job)
+    return jobs, report
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Predict every planned case; returns the masks written."""
+    from ..inference.runner import SliceRunner, retain_freed_memory
+    from .common import model_from_args
+
+    info = runtime.setup(args, None)
+    jobs, report = plan(args)
+    for line in report:
+        logger.warning("%s", line)
+    if not jobs:
+        logger.info("nothing to predict")
+        return []
+    opts = PredictOptions(
+        modality=args.modality, task=args.task, window=_window(args.window), percentiles=tuple(args.percentiles),
+        axis=args.axis, orient=args.orient, propagate=args.propagate, box_margin=args.box_margin,
+        labels_map=parse_labels_map(args.labels_map) if args.labels_map else None,
+    )
+    if args.compile:
+        logger.warning("--compile is not used by prediction (the prefix cache and varying batches recompile)")
+    if info.device.type == "cpu" and retain_freed_memory():
+        logger.info("glibc keeps freed memory for reuse (MEDSEGX_MALLOC_TUNING=0 turns this off)")
+    model = model_from_args(args, info.device, args.model_weight, for_training=False)
+    if args.model_weight is None:
+        logger.warning("no --model_weight: the %s backbone alone (ConMoAE adapters at zero)", args.model_type)
+    runner = SliceRunner(model, info.device, batch_size=args.batch_size, amp=args.use_amp,
+                         amp_dtype=args.amp_dtype, select=args.select)
+    model_info = {"model_type": args.model_type, "model_weight": args.model_weight, "select": args.select,
+                  "use_amp": bool(args.use_amp), "batch_size": args.batch_size, "device": str(info.device),
+                  "propagate": args.propagate, "box_margin": args.box_margin, "git": runtime.git_revision()}
+    written = []
+    for job in jobs:
+        image = read_case_image(job.image)
+        prompt_mask = read_label(job.prompt_mask, image, job.image) if job.prompt_mask is not None else None
+        prediction = predict_case(runner, job.case, image, job.image, job.objects, opts, prompt_mask,
+                                  progress=not args.no_progress)
+        log = {"input": str(job.image), "output": str(job.output), **prediction.log(), "run": model_info}
+        if job.prompt_mask is not None:
+            log["prompt_mask"] = str(job.prompt_mask)
+        write_image_atomic(prediction.image, job.output)
+        if job.reference is not None:
+            physical = not job.image.name.lower().endswith(PIXEL_ONLY_EXTENSIONS)
+            reference = read_label(job.reference, image, job.image)
+            scores = score_reference(prediction, reference, physical, args.nsd_tolerance)
+            log["reference"] = {"file": str(job.reference), "scores": scores}
+            for line in describe_scores(job.case, scores):
+                logger.info("%s", line)
+        write_json_atomic(log, job.output.parent / f"{job.case}.json")
+        if args.overlay:
+            write_overlay(prediction, job.output.parent / f"{job.case}_overlay.png")
+        logger.info("%s: %s (%d object(s), %.1f s)", job.case, job.output, len(prediction.objects), prediction.seconds)
+        written.append(job.output)
+    logger.info("predicted %d case(s) into %s", len(written), args.output)
+    return written
+
+
+def _window(text: str | None) -> tuple[float, float] | None:
+    try:
+        return parse_window(text)
+    except ValueError as err:
+        raise PredictError(f"--window: {err}") from None
