@@ -9,7 +9,7 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 
-from .model import MODEL_TYPES
+from .model.config import MASK_OUTPUTS, MODEL_TYPES
 
 SAM_DIR_DEFAULT = "./playground/SAM"
 # Selections that never look at a label (prediction has none).
@@ -94,6 +94,9 @@ def _model_group(p: argparse.ArgumentParser) -> None:
                    help="indices of the blocks that get ConMoAE (default: all; lite: 8 9)")
     g.add_argument("--adapter_dropout", type=probability, default=None,
                    help="dropout inside the experts (default 0.1)")
+    g.add_argument("--mask_outputs", default=None, choices=MASK_OUTPUTS,
+                   help="multimask: 3 outputs, mask tokens 1..3 (the paper's; default for SAM backbones); single: "
+                        "mask token 0 (default for lite: LiteMedSAM trained only that token)")
     g.add_argument("--no_fast", action="store_true",
                    help="use the stock segment-anything attention instead of the exact fast path")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start on CPU)")
@@ -107,6 +110,7 @@ def model_hparams(args: argparse.Namespace) -> dict:
         "num_experts": args.expert_num,
         "adapted_blocks": tuple(args.adapted_blocks) if args.adapted_blocks else None,
         "adapter_dropout": args.adapter_dropout,
+        "mask_outputs": getattr(args, "mask_outputs", None),
     }
 
 
@@ -175,6 +179,10 @@ def train_parser(description: str, finetune: bool, prog: str | None = None) -> P
                         "given)")
     p.set_defaults(_default_lr=default_lr, finetune=finetune)
     p.add_argument("--weight_decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--freeze_decoder", action="store_true",
+                   help="train the adapters and context embeddings only (the mask decoder keeps its weights)")
+    p.add_argument("--decoder_lr", type=positive_float, default=None,
+                   help="learning rate of the mask decoder (default: --lr)")
     p.add_argument("--work_dir", default="./work_dir", help="runs are written to <work_dir>/<task_name>/")
     p.add_argument("--task_name", default="MedSegX" if not finetune else "MedSegX-finetune",
                    help="name of the run folder inside --work_dir")

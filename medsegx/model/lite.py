@@ -407,7 +407,7 @@ class LiteMedSegX(nn.Module):
         modal: torch.Tensor,
         organ: torch.Tensor,
         cache_keys: Sequence[str] | None = None,
-        multimask_output: bool = True,
+        multimask_output: bool | None = None,
     ) -> MedSegXOutput:
         """Args:
             image: ``B x 3 x 256 x 256`` float, 0..255.
@@ -415,8 +415,11 @@ class LiteMedSegX(nn.Module):
             modal: ``B`` modality indices; organ: ``B x 4`` [body part, subregion, organ, task].
             cache_keys: the slices' names (dataset "name"), used by the prefix cache when enabled.
             multimask_output: True: masks ``B x 3 x 256 x 256`` and iou ``B x 3`` from mask
-                tokens 1..3 (MedSegX); False: token 0 only (``B x 1 ...``), LiteMedSAM's own output.
+                tokens 1..3 (MedSegX); False: token 0 only (``B x 1 ...``), LiteMedSAM's own output;
+                None (default): as the config says (``mask_outputs``; lite: "single").
         """
+        if multimask_output is None:
+            multimask_output = self.config is None or self.config.mask_outputs == "multimask"
         embeddings, gates = self.image_encoder(self.preprocess(image), modal, organ, cache_keys=cache_keys)
         box = box.to(device=embeddings.device, dtype=torch.float32)
         if box.dim() != 2 or box.shape != (image.shape[0], 4):
@@ -431,12 +434,6 @@ class LiteMedSegX(nn.Module):
             multimask_output=multimask_output,
         )
         return MedSegXOutput(masks, iou_pred, gates)
-
-    def predict_single_mask(
-        self, image: torch.Tensor, box: torch.Tensor, modal: torch.Tensor, organ: torch.Tensor
-    ) -> torch.Tensor:
-        """LiteMedSAM's single-mask logits (mask token 0): ``B x 1 x 256 x 256``."""
-        return self(image, box, modal, organ, multimask_output=False).masks
 
     # Prefix cache controls (see LiteImageEncoder).
     def enable_prefix_cache(

@@ -177,12 +177,14 @@ class MedSegX(Sam):
         return MedSegXOutput(masks, iou_pred, gates)
 
     def decode(self, embeddings: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder + mask decoder: the 3 multimask outputs and their IoU predictions."""
+        """Prompt encoder + mask decoder: the 3 multimask outputs and their IoU predictions (mask token 0
+        alone when the config says ``mask_outputs="single"``)."""
         sparse, dense = self.prompt_encoder(points=None, boxes=box.to(embeddings.dtype), masks=None)
+        config = getattr(self, "config", None)
         return self.mask_decoder(
             image_embeddings=embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=True,
+            multimask_output=config is None or config.mask_outputs == "multimask",
         )

@@ -17,7 +17,7 @@ from .. import runtime
 from ..args import model_hparams
 from ..checkpointer import Checkpointer
 from ..data.dataset import MedSegDataset
-from ..engine import FitConfig, fit, make_eval_loader, make_train_loader, restore_training_state
+from ..engine import FitConfig, fit, make_eval_loader, make_train_loader, restore_training_state, unwrap
 from ..errors import UserError
 from ..model.build import build_model
 from ..model.freeze import check_all_trainable_used, count_parameters
@@ -48,7 +48,7 @@ def model_from_args(args: argparse.Namespace, device: torch.device,
     check, a forward and backward pass that only training (DDP) needs."""
     model = build_model(args.model_type, checkpoint=args.checkpoint, model_weight=init_weights,
                         fast=not args.no_fast, train_iou_head=getattr(args, "iou_loss_weight", 0.0) > 0,
-                        **model_hparams(args))
+                        train_decoder=not getattr(args, "freeze_decoder", False), **model_hparams(args))
     if for_training:
         unused = check_all_trainable_used(model)
         if unused:  # DDP would hang or fail on them; say which
@@ -98,20 +98,22 @@ def train_run(
                     info.world_size, accum, micro)
         # a resumed run rebuilds the model its checkpoint describes
         model = model_from_args(args, device, state if state is not None else init_weights)
-        params = [p for p in model.parameters() if p.requires_grad]
-        lr = args.lr if args.lr is not None else args._default_lr
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+        optimizer = make_optimizer(model, args)
         use_scaler = args.use_amp and device.type == "cuda" and \
             runtime.resolve_amp_dtype(device, args.amp_dtype) == torch.float16
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         if state is not None:
+            groups = state.get("optimizer", {}).get("param_groups", [])
+            if len(groups) != len(optimizer.param_groups):
+                raise UserError(f"{resume} was written with {len(groups)} optimiser parameter group(s), this run has "
+                                f"{len(optimizer.param_groups)} (--freeze_decoder / --decoder_lr differ): resume with "
+                                "the run's own flags")
             restore_training_state(state, model, optimizer, scaler, name=str(resume))
-            stored_lr = optimizer.param_groups[0]["lr"]
-            if args.lr is not None and args.lr != stored_lr:
-                logger.warning("--lr %g replaces the checkpoint's lr %g from step %s on: the run is no longer the "
-                               "uninterrupted one", args.lr, stored_lr, state.get("step"))
-                for group in optimizer.param_groups:
-                    group["lr"] = args.lr
+            for group, wanted in zip(optimizer.param_groups, group_lrs(args), strict=True):
+                if wanted is not None and wanted != group["lr"]:
+                    logger.warning("%s lr %g replaces the checkpoint's %g from step %s on: the run is no longer "
+                                   "the uninterrupted one", group["name"], wanted, group["lr"], state.get("step"))
+                    group["lr"] = wanted
         if info.distributed:
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -141,3 +143,22 @@ def resolve_val_path(data_path: str | Path, val_path: str | None) -> Path | None
     root = Path(data_path)
     return next((c for c in (root / "eval" / "ID", root.parent / "eval" / "ID") if c.is_dir()), None)
 
+
+def group_lrs(args: argparse.Namespace) -> list[float | None]:
+    """The learning rates given on the command line for each parameter group (None: not given)."""
+    lrs = [args.lr]
+    if not getattr(args, "freeze_decoder", False):
+        lrs.append(getattr(args, "decoder_lr", None) or args.lr)
+    return lrs
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: the adapters and context embeddings at --lr, the mask decoder at
+    --decoder_lr (default --lr) unless --freeze_decoder."""
+    lr = args.lr if args.lr is not None else args._default_lr
+    named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    groups = [{"name": "adapters", "params": [p for n, p in named if not n.startswith("mask_decoder.")], "lr": lr}]
+    decoder = [p for n, p in named if n.startswith("mask_decoder.")]
+    if decoder:
+        groups.append({"name": "decoder", "params": decoder, "lr": getattr(args, "decoder_lr", None) or lr})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
