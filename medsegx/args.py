@@ -276,6 +276,8 @@ def prepare_parser(prog: str | None = None) -> Parser:
                         help="clipping percentiles for non-CT modalities")
     parser.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
     parser.add_argument("--keep_empty", action="store_true", help="also write slices without foreground")
+    parser.add_argument("--slice_step", type=positive_int, default=1,
+                        help="keep every N-th slice that holds the target (thins dense stacks, e.g. for a quick test set)")
     parser.add_argument("--min_pixels", type=positive_int, default=1,
                         help="minimum foreground pixels on the 256 grid for a slice to be kept")
     parser.add_argument("--orient", default="LPS", choices=("LPS", "none"),

@@ -391,3 +391,16 @@ def test_orphan_label_is_reported(tmp_path):
     assert summary.converted == ["a"]
     reason = dict(summary.skipped)[str(labels / "b.nii.gz")]
     assert "label without an image" in reason
+
+
+def test_slice_step_keeps_every_nth_target_slice(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    _write_case(images, labels, "c")
+    every = cv.convert_dataset(images, labels, _cfg(tmp_path / "all", labels_map={"Liver": (1,)}))
+    thin = cv.convert_dataset(images, labels, _cfg(tmp_path / "thin", labels_map={"Liver": (1,)}, slice_step=2))
+    names = sorted(p.name for p in (tmp_path / "all" / "MyHospital" / "CT_Liver" / "npy_gts").iterdir())
+    kept = sorted(p.name for p in (tmp_path / "thin" / "MyHospital" / "CT_Liver" / "npy_gts").iterdir())
+    assert every.slices == {"CT_Liver": 4} and thin.slices == {"CT_Liver": 2}
+    assert kept == sorted(sorted(names, key=lambda n: int(n.split("_")[-1][:-4]))[::2])
+    with pytest.raises(ValueError, match="slice_step"):
+        _cfg(tmp_path / "x", slice_step=0)

@@ -170,6 +170,7 @@ class ConvertConfig:
     axis: str = "axial"
     keep_empty: bool = False
     min_pixels: int = 1
+    slice_step: int = 1
     orient: str = "LPS"
     geometry_tolerance: float = 0.01
     case_ids: str = "stem"
@@ -194,6 +195,8 @@ class ConvertConfig:
             raise ValueError(f"orient must be 'LPS' or 'none', got {self.orient!r}")
         if not 0.0 <= self.finetune_fraction <= 1.0:
             raise ValueError(f"finetune_fraction must lie in [0, 1], got {self.finetune_fraction}")
+        if self.slice_step < 1 or self.min_pixels < 1:
+            raise ValueError(f"slice_step and min_pixels must be >= 1, got {self.slice_step} and {self.min_pixels}")
         if self.case_ids not in ("stem", "index"):
             raise ValueError(f"case_ids must be 'stem' or 'index', got {self.case_ids!r}")
         lo, hi = self.percentiles
@@ -868,6 +871,7 @@ def convert_case(image_path: str | Path, label_path: str | Path, cfg: ConvertCon
             result.absent.append(task)
             logger.info("%s: no voxel of %s (values %s)", label_path, task, list(values))
         candidates = range(stack.n_slices) if cfg.keep_empty else present.tolist()
+        candidates = list(candidates)[::cfg.slice_step]  # every slice_step-th: thins dense stacks
         bounds = stack_intensity(stack, cfg.modality, task, cfg.window, cfg.percentiles, bounds_cache)
         _remove_case_slices(cfg, task, case)
         out_dir = cfg.slice_dir(task, split)

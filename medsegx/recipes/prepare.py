@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> ConversionSummary:
             out=args.out, sequence=args.sequence, ood_site=args.ood_site,
             finetune_fraction=args.finetune_fraction, seed=args.seed, window=parse_window(args.window),
             percentiles=(lower, upper), axis=args.axis, keep_empty=args.keep_empty,
-            min_pixels=args.min_pixels, orient=args.orient, case_ids=args.case_ids,
+            min_pixels=args.min_pixels, slice_step=args.slice_step, orient=args.orient, case_ids=args.case_ids,
         )
     except ValueError as err:  # a bad option value: said like any other user error
         raise UserError(str(err)) from None

@@ -1,0 +1,74 @@
+"""The table of scripts/reproduce-generalisation.sh: mean DSC per set, recipe and selection, over seeds.
+
+    python scripts/generalisation_table.py playground/generalisation
+
+Reads each run's ``*_details.md`` (the DSC (oracle) and DSC (iou) columns of its ALL and per-task rows)
+and prints Markdown: per set, zero-shot LiteMedSAM and every recipe as mean +- standard deviation over
+the seeds (oracle / label-free), and the change against zero-shot.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+SETS = [("ID (trained tasks)", "ID/internal/ID_details.md"), ("CT organs (held out)", "CTorgans/internal/ID_details.md"),
+        ("HC18 fetal head (cross-task)", "OOD/external/OOD-task_details.md"),
+        ("HAM10000 skin (cross-site)", "OOD/external/OOD-site_details.md")]
+
+
+def read_details(path: Path) -> dict[str, tuple[float, float, int]]:
+    """task (and "ALL") -> (mean DSC oracle, mean DSC iou, N) from a details report."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = lines.index("## Per task")
+    header = [c.strip() for c in lines[start + 2].split("|")]
+    col = {name: i for i, name in enumerate(header)}
+    rows = {}
+    for line in lines[start + 4:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.split("|")]
+        rows[cells[1]] = (float(cells[col["DSC (oracle)"]].split()[0]), float(cells[col["DSC (iou)"]].split()[0]),
+                          int(cells[2]))
+    return rows
+
+
+def fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def main(out: Path) -> str:
+    zero = out / "zero-shot"
+    recipes = sorted(p for p in out.iterdir() if p.is_dir() and p.name not in ("zero-shot", "heldout"))
+    lines = [f"# Generalisation study ({out})", "",
+             "Mean DSC over the set's slices; recipes: mean ± standard deviation over seeds. oracle = best of the "
+             "model's outputs by the label (the paper's protocol); label-free = the IoU head's choice (identical "
+             "for a single-output model).", ""]
+    for title, rel in SETS:
+        if not (zero / rel).is_file():
+            continue
+        base = read_details(zero / rel)
+        lines += [f"## {title}", "", "| model | seeds | N | oracle | label-free | change (oracle) | change (label-free) |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| zero-shot LiteMedSAM | - | {base['ALL'][2]} | {base['ALL'][0]:.4f} | {base['ALL'][1]:.4f} | | |"]
+        per_task_rows = []
+        for recipe in recipes:
+            runs = [read_details(p / "scores" / rel) for p in sorted(recipe.glob("seed*")) if (p / "scores" / rel).is_file()]
+            if not runs:
+                continue
+            oracle = [r["ALL"][0] for r in runs]
+            free = [r["ALL"][1] for r in runs]
+            lines.append(f"| {recipe.name} | {len(runs)} | {runs[0]['ALL'][2]} | {fmt(oracle)} | {fmt(free)} | "
+                         f"{statistics.mean(oracle) - base['ALL'][0]:+.4f} | {statistics.mean(free) - base['ALL'][1]:+.4f} |")
+            for task in sorted(t for t in base if t != "ALL"):
+                values = [r[task][0] for r in runs if task in r]
+                per_task_rows.append(f"| {task} | {recipe.name} | {base[task][0]:.4f} | {fmt(values)} | "
+                                     f"{statistics.mean(values) - base[task][0]:+.4f} |")
+        lines += ["", "| task | recipe | zero-shot | recipe (oracle) | change |", "|---|---|---|---|---|", *per_task_rows, ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(main(Path(sys.argv[1] if len(sys.argv) > 1 else "playground/generalisation")))
