@@ -517,4 +517,6 @@ def compare_reports(a: Path, b: Path, labels: tuple[str, str], external: bool) -
     for task, keys in sorted(per_task.items()) + [("ALL (mean over slices)", common)]:
         ma, mb = np.mean([da[k] for k in keys]), np.mean([db[k] for k in keys])
         lines.append(f"| {task} | {len(keys)} | {ma:.4f} | {mb:.4f} | {mb - ma:+.4f} |")
+    if mb < ma:  # the ALL row: say it, whatever the table's reader looks at first
+        lines += ["", f"**{labels[1]} is worse than {labels[0]} overall ({mb - ma:+.4f} mean DSC).**"]
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ import pytest
 from conftest import shared_path
 
 from medsegx.data.layout import external_stem
+from medsegx.errors import UserError
 from medsegx.reports import (
     SliceResult,
     case_dsc,
@@ -170,3 +171,20 @@ def test_read_published_csv_rejects_other_columns(tmp_path):
     bad.write_text("File,Dice\nA/x.npy,1\n")
     with pytest.raises(ValueError, match="File,DSC,HD"):
         read_published_csv(bad)
+
+
+def test_compare_reports_per_task_and_says_when_worse(tmp_path):
+    from medsegx.reports import compare_reports
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("File,DSC,HD\nD/CT_Liver/x.npy,0.8,1\nD/CT_Liver/y.npy,0.6,1\nE/US_Breast/z.npy,0.5,1\n")
+    b.write_text("File,DSC,HD\nD/CT_Liver/x.npy,0.9,1\nD/CT_Liver/y.npy,0.7,1\nE/US_Breast/z.npy,0.2,1\n")
+    table = compare_reports(a, b, ("zero-shot", "trained"), external=False)
+    assert "| CT_Liver | 2 | 0.7000 | 0.8000 | +0.1000 |" in table
+    assert "| US_Breast | 1 | 0.5000 | 0.2000 | -0.3000 |" in table
+    assert "| ALL (mean over slices) | 3 | 0.6333 | 0.6000 | -0.0333 |" in table
+    assert "**trained is worse than zero-shot overall (-0.0333 mean DSC).**" in table
+    assert "worse" not in compare_reports(b, b, ("x", "y"), external=False)
+    (tmp_path / "c.csv").write_text("File,DSC,HD\nother/T/q.npy,1,1\n")
+    with pytest.raises(UserError, match="share no slice"):
+        compare_reports(a, tmp_path / "c.csv", ("x", "y"), external=False)
