@@ -35,6 +35,11 @@ def slice_name(case: str, k: int) -> str:
     return f"casenum_{case}_sliceid_{k}.npy"
 
 
+def slice_glob(case: str) -> str:
+    """A glob pattern matching every slice file of ``case`` (escape ``case`` with ``glob.escape`` first)."""
+    return f"casenum_{case}_sliceid_*.npy"
+
+
 def parse_slice_name(name: str) -> tuple[str, int]:
     """``casenum_{case}_sliceid_{k}[.npy]`` (or a path to one) -> (case, k); ValueError otherwise."""
     match = re.fullmatch(r"casenum_(.+)_sliceid_(\d+)(?:\.npy)?", Path(name).name)
