@@ -37,7 +37,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .errors import ConversionError
 from .intensity import TARGET_SIZE, resize_mask
 from .layout import (
+    FINETUNE,
     IMAGES_DIR,
+    INFERENCE,
     MASKS_DIR,
     SUBSETS,
     external_folder,
@@ -307,7 +309,7 @@ def split_cases(cases: Iterable[str], finetune_fraction: float, seed: int = 0) -
     if 0.0 < finetune_fraction < 1.0 and len(ids) >= 2:
         n_ft = min(max(n_ft, 1), len(ids) - 1)
     order = np.random.default_rng(seed).permutation(len(ids))
-    return {ids[i]: ("finetune" if rank < n_ft else "inference") for rank, i in enumerate(order)}
+    return {ids[i]: (FINETUNE if rank < n_ft else INFERENCE) for rank, i in enumerate(order)}
 
 
 @dataclass
@@ -338,7 +340,7 @@ class ConversionSummary:
         lines += [f"  {task}: {n} slice(s)" + (f", absent in {self.absent[task]} case(s)" if self.absent.get(task) else "")
                   for task, n in sorted(self.slices.items())]
         if self.splits:
-            n_ft = sum(s == "finetune" for s in self.splits.values())
+            n_ft = sum(s == FINETUNE for s in self.splits.values())
             lines.append(f"  split: {n_ft} finetune / {len(self.splits) - n_ft} inference case(s)")
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)

@@ -23,7 +23,8 @@ EVAL = "eval"
 ID = "ID"
 EXTERNAL_SPLITS = ("OOD", "RealWorld")
 SHIFT_TYPES = ("cross_site", "cross_task")
-SUBSETS = ("finetune", "inference")
+FINETUNE, INFERENCE = "finetune", "inference"  # an external site: adaptation data, held-out test data
+SUBSETS = (FINETUNE, INFERENCE)
 # Position of the task in a report group: internal (ID, train) groups are Dataset/Task, external Task/Dataset.
 TASK_POSITION = {"internal": 1, "external": 0}
 
