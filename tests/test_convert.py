@@ -292,6 +292,23 @@ def test_cli(tmp_path):
     assert meta["cases"]["cli-case"]["intensity"]["level"] == -600.0
 
 
+def test_cli_shows_progress_per_case_and_a_closing_summary(tmp_path, capsys):
+    for case in ("a", "b"):
+        _write_case(tmp_path / "images", tmp_path / "labels", case)
+    _write_case(tmp_path / "images", tmp_path / "unused", "orphan")  # an image without a label
+    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(module.get_args_parser().parse_args([
+        "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "--modality", "CT",
+        "--labels_map", "1:Liver", "--dataset", "MyHospital", "--out", str(tmp_path / "train")]))
+    out, err = capsys.readouterr()
+    assert "converting" in err and "2/2" in err  # the bar: one step per converted pair
+    assert out.startswith("converted 2 case(s), skipped 1\n")
+    assert "CT_Liver: 8 slice(s)" in out and "skipped " + str(tmp_path / "images" / "orphan.nii.gz") in out
+    assert "no label named orphan" in out  # and why
+
+
 def test_images_and_labels_in_one_folder(tmp_path):
     _write_case(tmp_path, tmp_path, "a", label_ext="_seg.nii.gz")
     _write_case(tmp_path, tmp_path, "b", label_ext="_seg.nii.gz")
