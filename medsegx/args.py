@@ -247,12 +247,12 @@ Examples:
         --labels_map 1:Prostate --dataset SiteB --sequence T2 \
         --out playground/MedSegDB/eval/OOD/cross_site --ood_site --finetune_fraction 0.5
 
-See medsegx/data/convert.py (and docs/PREPARE_DATA.md) for windows, layout and meta.json.
+See docs/PREPARE_DATA.md (and medsegx/data/convert.py, presets.py, meta.py) for windows, layout and meta.json.
 """
 
 
 def prepare_parser(prog: str | None = None) -> Parser:
-    from .data.convert import AXES, DEFAULT_PERCENTILES, WINDOW_PRESETS
+    from .data.presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS, WINDOW_PRESETS
 
     parser = Parser(prog=prog, description=PREPARE_DESCRIPTION)
     parser.add_argument("--images", required=True,
@@ -280,7 +280,7 @@ def prepare_parser(prog: str | None = None) -> Parser:
                         help="keep every N-th slice that holds the target (thins dense stacks, e.g. for a quick test set)")
     parser.add_argument("--min_pixels", type=positive_int, default=1,
                         help="minimum foreground pixels on the 256 grid for a slice to be kept")
-    parser.add_argument("--orient", default="LPS", choices=("LPS", "none"),
+    parser.add_argument("--orient", default="LPS", choices=ORIENTATIONS,
                         help="re-order volumes to LPS before slicing, or keep the stored order")
     parser.add_argument("--case_ids", default="stem", choices=("stem", "index"),
                         help="case id from the file stem or a zero-padded index")
@@ -334,7 +334,7 @@ Prompts (one kind per run):
 Output (-o, a folder): <case>.nii.gz for volumes (the input's size, spacing, origin and direction;
 uint8 label values) or <case>.png for 2-D inputs; <case>.json (per slice: box, output chosen,
 predicted IoU, seconds); <case>_overlay.png with --overlay. Existing outputs are kept unless
---overwrite. Preprocessing is prepare_data.py's (medsegx.data.convert) and the masks go back
+--overwrite. Preprocessing is prepare_data.py's (medsegx.data.volume) and the masks go back
 through its exact inverse. The output among the model's three is chosen without a label (--select).
 """
 
@@ -359,7 +359,7 @@ def _percentiles(text: str) -> tuple[float, float]:
 
 
 def predict_parser(prog: str | None = None) -> Parser:
-    from .data.convert import AXES, DEFAULT_PERCENTILES, WINDOW_PRESETS
+    from .data.presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS, WINDOW_PRESETS
 
     p = Parser(prog=prog, description=PREDICT_DESCRIPTION)
     p.add_argument("-i", "--input", required=True, help="image file, DICOM series folder, or a folder of cases")
@@ -390,7 +390,7 @@ def predict_parser(prog: str | None = None) -> Parser:
     pre.add_argument("--percentiles", type=_percentiles, default=DEFAULT_PERCENTILES,
                      help="clipping percentiles for non-CT modalities, 'lower,upper'")
     pre.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
-    pre.add_argument("--orient", default="LPS", choices=("LPS", "none"), help="re-order volumes to LPS before slicing")
+    pre.add_argument("--orient", default="LPS", choices=ORIENTATIONS, help="re-order volumes to LPS before slicing")
     out = p.add_argument_group("output")
     out.add_argument("--select", default="iou", choices=LABEL_FREE_SELECTION,
                      help="which of the 3 outputs: iou = highest predicted IoU, first = output 0 (never the label)")

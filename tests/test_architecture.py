@@ -3,6 +3,8 @@ and --help of every entry point imports no torch."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,14 @@ def test_lower_layers_do_not_import_higher_ones(low, high):
     wrong = {m: sorted(d for d in deps if d == high or d.startswith(high + "."))
              for m, deps in graph.items() if m == low or m.startswith(low + ".")}
     assert not {m: d for m, d in wrong.items() if d}
+
+
+@pytest.mark.parametrize("module, heavy", [
+    ("medsegx.data.meta", ("SimpleITK", "torch")),            # the evaluation reads spacings through it
+    ("medsegx.data.presets", ("SimpleITK", "torch", "numpy")),  # the parsers read their choices from it
+])
+def test_light_data_modules_import_no_heavy_package(module, heavy):
+    code = f"import sys, {module}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(heavy)!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import medsegx.data.catalog as catalog_module
-from medsegx.data.catalog import (
+import medsegx.data.index as index_module
+from medsegx.data.catalog import find_split_roots, open_catalog, problem_counts
+from medsegx.data.errors import DataError
+from medsegx.data.npy import (
     BAD_IMAGE,
     EMPTY_MASK,
     LAYOUT,
@@ -20,10 +22,6 @@ from medsegx.data.catalog import (
     SIZE_MISMATCH,
     UNKNOWN_MODALITY,
     UNREADABLE,
-    DataError,
-    find_split_roots,
-    open_catalog,
-    problem_counts,
 )
 from medsegx.data.taxonomy import NEUTRAL_ROW, UNKNOWN_TASK
 
@@ -225,13 +223,13 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
         write_pair(root / "DS" / "CT_Liver", f"casenum_{i}_sliceid_0.npy")
         write_pair(root / "DS" / "CT_Spleen", f"casenum_{i}_sliceid_0.npy")
     scanned: list[str] = []
-    real_scan = catalog_module._scan_leaf
+    real_scan = index_module._scan_leaf
 
     def counting_scan(split_root, rel, sig, pool):
         scanned.append(rel)
         return real_scan(split_root, rel, sig, pool)
 
-    monkeypatch.setattr(catalog_module, "_scan_leaf", counting_scan)
+    monkeypatch.setattr(index_module, "_scan_leaf", counting_scan)
     first = open_catalog(root)
     assert len(first) == 6 and sorted(scanned) == ["DS/CT_Liver", "DS/CT_Spleen"]
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "npy_" not in str(p.parent)) == []
@@ -261,7 +259,7 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     open_catalog(root, refresh=True)
     assert len(scanned) == 2
 
-    monkeypatch.setattr(catalog_module, "INDEX_FORMAT", catalog_module.INDEX_FORMAT + 1)
+    monkeypatch.setattr(index_module, "INDEX_FORMAT", index_module.INDEX_FORMAT + 1)
     scanned.clear()
     open_catalog(root)
     assert len(scanned) == 2  # an old cache format is rebuilt
@@ -275,8 +273,8 @@ def test_partial_walk_keeps_the_rest_of_the_cache(tmp_path, monkeypatch):
     write_pair(root / "A" / "CT_Liver", "a2.npy")
     assert len(open_catalog(root / "A")) == 2  # a dataset folder inside train/
     scanned = []
-    real_scan = catalog_module._scan_leaf
-    monkeypatch.setattr(catalog_module, "_scan_leaf",
+    real_scan = index_module._scan_leaf
+    monkeypatch.setattr(index_module, "_scan_leaf",
                         lambda *a: scanned.append(a[1]) or real_scan(*a))
     assert len(open_catalog(root)) == 3 and scanned == []
 
@@ -291,8 +289,8 @@ def test_index_lives_in_the_user_cache_never_in_the_data(tmp_path, monkeypatch):
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # the data tree is untouched
     assert len(list(user_cache.glob("*.npz"))) == 1
     scanned = []
-    real_scan = catalog_module._scan_leaf
-    monkeypatch.setattr(catalog_module, "_scan_leaf", lambda *a: scanned.append(a[1]) or real_scan(*a))
+    real_scan = index_module._scan_leaf
+    monkeypatch.setattr(index_module, "_scan_leaf", lambda *a: scanned.append(a[1]) or real_scan(*a))
     assert len(open_catalog(root)) == 1 and scanned == []
 
 

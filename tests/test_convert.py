@@ -1,4 +1,5 @@
-"""End-to-end checks of medsegx.data.convert on small volumes, a DICOM series and 2-D pairs."""
+"""End-to-end checks of conversion (medsegx.data.convert and its stages) on small volumes, a DICOM series
+and 2-D pairs."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +11,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsegx.data import convert as cv
+from medsegx.data.convert import ConvertConfig, convert_case, convert_dataset, parse_labels_map, split_cases
+from medsegx.data.errors import ConversionError
+from medsegx.data.layout import parse_slice_name
+from medsegx.data.meta import load_meta, slice_spacing
+from medsegx.data.presets import WINDOW_PRESETS, default_window, parse_window
+from medsegx.data.sources import pair_inputs, read_image, strip_extension
+from medsegx.data.volume import write_back_prediction
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE_ZYX = (6, 48, 40)                     # numpy order: 6 slices of 48 rows x 40 cols
@@ -60,29 +67,29 @@ def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
 
 
-def _cfg(out: Path, **kw) -> cv.ConvertConfig:
-    base = dict(modality="CT", dataset="MyHospital", labels_map=cv.parse_labels_map("1:Liver,2:LiverCancer"), out=out)
+def _cfg(out: Path, **kw) -> ConvertConfig:
+    base = dict(modality="CT", dataset="MyHospital", labels_map=parse_labels_map("1:Liver,2:LiverCancer"), out=out)
     base.update(kw)
-    return cv.ConvertConfig(**base)
+    return ConvertConfig(**base)
 
 
 def test_parse_labels_map_and_window():
-    assert cv.parse_labels_map("1:Liver,2:LiverCancer") == {"Liver": (1,), "LiverCancer": (2,)}
-    assert cv.parse_labels_map("1+2:Kidney,3:Kidney") == {"Kidney": (1, 2, 3)}
+    assert parse_labels_map("1:Liver,2:LiverCancer") == {"Liver": (1,), "LiverCancer": (2,)}
+    assert parse_labels_map("1+2:Kidney,3:Kidney") == {"Kidney": (1, 2, 3)}
     with pytest.raises(ValueError, match="value:Task"):
-        cv.parse_labels_map("Liver")
-    assert cv.parse_window("40,400") == (40.0, 400.0)
-    assert cv.parse_window("lung") == (-600.0, 1500.0)
-    assert cv.default_window("CT", "LeftLung") == cv.WINDOW_PRESETS["lung"]
-    assert cv.default_window("CT", "Liver") == cv.WINDOW_PRESETS["abdomen"]
-    assert cv.default_window("CTA", "Something") == cv.WINDOW_PRESETS["angio"]
-    assert cv.strip_extension("case.nii.gz") == "case"
+        parse_labels_map("Liver")
+    assert parse_window("40,400") == (40.0, 400.0)
+    assert parse_window("lung") == (-600.0, 1500.0)
+    assert default_window("CT", "LeftLung") == WINDOW_PRESETS["lung"]
+    assert default_window("CT", "Liver") == WINDOW_PRESETS["abdomen"]
+    assert default_window("CTA", "Something") == WINDOW_PRESETS["angio"]
+    assert strip_extension("case.nii.gz") == "case"
 
 
 def test_volume_two_labels(tmp_path):
     _write_case(tmp_path / "images", tmp_path / "labels", "case_01")
     out = tmp_path / "train"
-    summary = cv.convert_dataset(tmp_path / "images", tmp_path / "labels", _cfg(out))
+    summary = convert_dataset(tmp_path / "images", tmp_path / "labels", _cfg(out))
     assert summary.converted == ["case-01"] and not summary.skipped
     assert summary.slices == {"CT_Liver": 4, "CT_LiverCancer": 2}
 
@@ -116,7 +123,7 @@ def test_volume_two_labels(tmp_path):
         assert case["slice_thickness"] == pytest.approx(SPACING[2])
         assert case["intensity"]["level"] == 40.0 and case["intensity"]["width"] == 400.0
         assert set(meta["slices"]) == set(names)
-        assert cv.slice_spacing(folder / "npy_imgs" / names[0]) == pytest.approx(tuple(case["spacing_256"]))
+        assert slice_spacing(folder / "npy_imgs" / names[0]) == pytest.approx(tuple(case["spacing_256"]))
 
     # liver (60 HU) in the abdomen window 40/400 -> (60 + 160) / 400 * 255; air -> 0
     liver = np.load(out / "MyHospital" / "CT_Liver" / "npy_imgs" / "casenum_case-01_sliceid_1.npy")
@@ -148,7 +155,7 @@ def test_dicom_series(tmp_path):
     sitk.WriteImage(_to_image(label, direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)), str(tmp_path / "labels" / "case02.nrrd"))
 
     out = tmp_path / "train"
-    summary = cv.convert_dataset(tmp_path / "dicom", tmp_path / "labels", _cfg(out, labels_map={"Liver": (1,)}))
+    summary = convert_dataset(tmp_path / "dicom", tmp_path / "labels", _cfg(out, labels_map={"Liver": (1,)}))
     assert summary.converted == ["case02"] and summary.slices == {"CT_Liver": 4}
     folder = out / "MyHospital" / "CT_Liver"
     case = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["cases"]["case02"]
@@ -176,8 +183,8 @@ def test_png_pair(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / "msk" / "ISIC_0001_segmentation.png"))
 
     out = tmp_path / "train"
-    cfg = cv.ConvertConfig(modality="Dermoscopy", dataset="ISIC", labels_map={"Skin": (1,)}, out=out)
-    summary = cv.convert_dataset(tmp_path / "img", tmp_path / "msk", cfg)
+    cfg = ConvertConfig(modality="Dermoscopy", dataset="ISIC", labels_map={"Skin": (1,)}, out=out)
+    summary = convert_dataset(tmp_path / "img", tmp_path / "msk", cfg)
     assert summary.slices == {"Dermoscopy_Skin": 1}
     folder = out / "ISIC" / "Dermoscopy_Skin"
     img = np.load(folder / "npy_imgs" / "casenum_ISIC-0001_sliceid_0.npy")
@@ -188,7 +195,7 @@ def test_png_pair(tmp_path):
     # 8-bit RGB is kept: lesion colour inside, skin colour outside
     assert np.abs(img[gt.astype(bool)].mean(0) - (90, 50, 30)).max() < 3
     assert np.abs(img[:10, :10].reshape(-1, 3).mean(0) - (204.5, 164.5, 144.5)).max() < 3
-    back = cv.write_back_prediction({"casenum_ISIC-0001_sliceid_0.npy": gt}, cv.load_meta(folder),
+    back = write_back_prediction({"casenum_ISIC-0001_sliceid_0.npy": gt}, load_meta(folder),
                                     tmp_path / "pred.png", label_value=255)
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred.png"))), mask)
     assert back.GetSize() == (80, 60)
@@ -200,21 +207,21 @@ def test_ood_split_disjoint_and_seeded(tmp_path):
     out = tmp_path / "cross_site"
     cfg = _cfg(out, ood_site=True, finetune_fraction=0.5, seed=3, labels_map={"Liver": (1,)}, modality="MRI",
                sequence="T2")
-    summary = cv.convert_dataset(str(tmp_path / "images" / "*.mha"), tmp_path / "labels", cfg)
+    summary = convert_dataset(str(tmp_path / "images" / "*.mha"), tmp_path / "labels", cfg)
     site = out / "MRI_Liver" / "MyHospital" / "T2"
     cases = {}
     for split in ("finetune", "inference"):
         names = list((site / split / "npy_imgs").iterdir())
-        cases[split] = {cv.parse_slice_name(p.name)[0] for p in names}
+        cases[split] = {parse_slice_name(p.name)[0] for p in names}
         assert len(names) == 4 * len(cases[split])
     assert not cases["finetune"] & cases["inference"]
     assert cases["finetune"] | cases["inference"] == {f"p{i}" for i in range(7)}
     assert len(cases["finetune"]) == 4
     meta = json.loads((site / "meta.json").read_text(encoding="utf-8"))
     assert {c: e["split"] for c, e in meta["cases"].items()} == summary.splits
-    assert cv.split_cases([f"p{i}" for i in range(7)], 0.5, 3) == summary.splits
-    assert cv.split_cases([f"p{i}" for i in range(7)], 0.5, 4) != summary.splits
-    assert set(cv.split_cases(["a", "b"], 0.9, 0).values()) == {"finetune", "inference"}
+    assert split_cases([f"p{i}" for i in range(7)], 0.5, 3) == summary.splits
+    assert split_cases([f"p{i}" for i in range(7)], 0.5, 4) != summary.splits
+    assert set(split_cases(["a", "b"], 0.9, 0).values()) == {"finetune", "inference"}
     # MRI uses percentile clipping, recorded per case
     assert meta["cases"]["p0"]["intensity"]["mode"] == "percentile"
 
@@ -223,14 +230,14 @@ def test_ood_split_disjoint_and_seeded(tmp_path):
 def test_write_back_round_trip(tmp_path, axis):
     _write_case(tmp_path / "images", tmp_path / "labels", "rt")
     out = tmp_path / "train"
-    cv.convert_dataset(tmp_path / "images", tmp_path / "labels", _cfg(out, axis=axis))
+    convert_dataset(tmp_path / "images", tmp_path / "labels", _cfg(out, axis=axis))
     _, label = _ct_arrays()
     for task, value in (("Liver", 1), ("LiverCancer", 2)):
         folder = out / "MyHospital" / f"CT_{task}"
-        meta = cv.load_meta(folder)
+        meta = load_meta(folder)
         preds = {p.name: np.load(p) for p in (folder / "npy_gts").iterdir()}
         path = tmp_path / "pred" / f"{task}.nii.gz"
-        cv.write_back_prediction(preds, meta, path)
+        write_back_prediction(preds, meta, path)
         back = sitk.ReadImage(str(path))
         assert back.GetSize() == (SHAPE_ZYX[2], SHAPE_ZYX[1], SHAPE_ZYX[0])
         assert back.GetSpacing() == pytest.approx(SPACING)
@@ -251,19 +258,19 @@ def test_bad_inputs_error_or_counted_skip(tmp_path):
     sitk.WriteImage(_to_image(label[:, :, :30]), str(labels / "shifted.nii.gz"))
 
     cfg = _cfg(tmp_path / "train")
-    with pytest.raises(cv.ConversionError, match="broken.nii.gz"):
-        cv.convert_case(images / "broken.nii.gz", labels / "broken.nii.gz", cfg)
-    with pytest.raises(cv.ConversionError, match=r"shifted.nii.gz.*size"):
-        cv.convert_case(images / "shifted.nii.gz", labels / "shifted.nii.gz", cfg)
+    with pytest.raises(ConversionError, match="broken.nii.gz"):
+        convert_case(images / "broken.nii.gz", labels / "broken.nii.gz", cfg)
+    with pytest.raises(ConversionError, match=r"shifted.nii.gz.*size"):
+        convert_case(images / "shifted.nii.gz", labels / "shifted.nii.gz", cfg)
 
-    summary = cv.convert_dataset(images, labels, cfg)
+    summary = convert_dataset(images, labels, cfg)
     assert summary.converted == ["good"]
     skipped = dict(summary.skipped)
     assert set(skipped) == {str(images / n) for n in ("broken.nii.gz", "nolabel.nii.gz", "shifted.nii.gz")}
     assert "no label" in skipped[str(images / "nolabel.nii.gz")]
     assert "skipped 3" in summary.describe()
-    with pytest.raises(cv.ConversionError, match="nolabel"):
-        cv.convert_dataset(images, labels, cfg, strict=True)
+    with pytest.raises(ConversionError, match="nolabel"):
+        convert_dataset(images, labels, cfg, strict=True)
 
 
 def test_cli(tmp_path):
@@ -281,14 +288,31 @@ def test_cli(tmp_path):
     assert summary.converted == ["cli-case"]
     folder = tmp_path / "eval" / "CT_LiverCancer" / "MyHospital" / "inference"
     assert len(list((folder / "npy_imgs").iterdir())) == SHAPE_ZYX[0]  # --keep_empty keeps all slices
-    meta = cv.load_meta(tmp_path / "eval" / "CT_LiverCancer" / "MyHospital")
+    meta = load_meta(tmp_path / "eval" / "CT_LiverCancer" / "MyHospital")
     assert meta["cases"]["cli-case"]["intensity"]["level"] == -600.0
+
+
+def test_cli_shows_progress_per_case_and_a_closing_summary(tmp_path, capsys):
+    for case in ("a", "b"):
+        _write_case(tmp_path / "images", tmp_path / "labels", case)
+    _write_case(tmp_path / "images", tmp_path / "unused", "orphan")  # an image without a label
+    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(module.get_args_parser().parse_args([
+        "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "--modality", "CT",
+        "--labels_map", "1:Liver", "--dataset", "MyHospital", "--out", str(tmp_path / "train")]))
+    out, err = capsys.readouterr()
+    assert "converting" in err and "2/2" in err  # the bar: one step per converted pair
+    assert out.startswith("converted 2 case(s), skipped 1\n")
+    assert "CT_Liver: 8 slice(s)" in out and "skipped " + str(tmp_path / "images" / "orphan.nii.gz") in out
+    assert "no label named orphan" in out  # and why
 
 
 def test_images_and_labels_in_one_folder(tmp_path):
     _write_case(tmp_path, tmp_path, "a", label_ext="_seg.nii.gz")
     _write_case(tmp_path, tmp_path, "b", label_ext="_seg.nii.gz")
-    pairs, missing = cv.pair_inputs(tmp_path, tmp_path)
+    pairs, missing = pair_inputs(tmp_path, tmp_path)
     assert not missing
     assert [(i.name, lab.name) for i, lab in pairs] == [("a.nii.gz", "a_seg.nii.gz"), ("b.nii.gz", "b_seg.nii.gz")]
 
@@ -305,24 +329,24 @@ def test_truncated_volume_is_refused(tmp_path, ext, keep):
     path = images / f"cut{ext}"
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(cv.ConversionError, match=r"cut.*truncated"):
-        cv.read_image(path)
-    summary = cv.convert_dataset(images, labels, _cfg(tmp_path / "train"))
+    with pytest.raises(ConversionError, match=r"cut.*truncated"):
+        read_image(path)
+    summary = convert_dataset(images, labels, _cfg(tmp_path / "train"))
     assert summary.converted == ["whole"]
     assert "truncated" in dict(summary.skipped)[str(path)]
-    with pytest.raises(cv.ConversionError, match="truncated"):
-        cv.convert_dataset(images, labels, _cfg(tmp_path / "train2"), strict=True)
+    with pytest.raises(ConversionError, match="truncated"):
+        convert_dataset(images, labels, _cfg(tmp_path / "train2"), strict=True)
 
 
 def test_compressed_nrrd_truncated_is_refused(tmp_path):
     image, _ = _ct_arrays()
     path = tmp_path / "ct.nrrd"
     sitk.WriteImage(_to_image(image), str(path), useCompression=True)
-    assert cv.read_image(path).GetSize() == (SHAPE_ZYX[2], SHAPE_ZYX[1], SHAPE_ZYX[0])
+    assert read_image(path).GetSize() == (SHAPE_ZYX[2], SHAPE_ZYX[1], SHAPE_ZYX[0])
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 40])
-    with pytest.raises(cv.ConversionError, match="truncated"):
-        cv.read_image(path)
+    with pytest.raises(ConversionError, match="truncated"):
+        read_image(path)
 
 
 def test_png_has_no_millimetres(tmp_path):
@@ -336,11 +360,11 @@ def test_png_has_no_millimetres(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "img" / "p1.png"))
     sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / "lab" / "p1.png"))
     out = tmp_path / "train"
-    cv.convert_dataset(tmp_path / "img", tmp_path / "lab", _cfg(out, modality="Dermoscopy", labels_map={"Skin": (1,)}))
+    convert_dataset(tmp_path / "img", tmp_path / "lab", _cfg(out, modality="Dermoscopy", labels_map={"Skin": (1,)}))
     folder = out / "MyHospital" / "Dermoscopy_Skin"
-    case = cv.load_meta(folder)["cases"]["p1"]
+    case = load_meta(folder)["cases"]["p1"]
     assert case["kind"] == "image2d" and case["spacing_known"] is False
-    assert cv.slice_spacing(next((folder / "npy_imgs").iterdir())) is None
+    assert slice_spacing(next((folder / "npy_imgs").iterdir())) is None
     row = reports.SliceResult("MyHospital/Dermoscopy_Skin/casenum_p1_sliceid_0.npy", dsc=0.9, hd=3.0, hd95_mm=None)
     details = reports.format_details_md([row], "t")
     task_line = next(line for line in details.splitlines() if line.startswith("| Dermoscopy_Skin"))
@@ -372,14 +396,14 @@ def test_dicom_folder_with_two_series(tmp_path):
     (tmp_path / "labels").mkdir()
     ident = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
     sitk.WriteImage(_to_image(label, direction=ident), str(tmp_path / "labels" / "case03.nrrd"))
-    summary = cv.convert_dataset(tmp_path / "dicom", tmp_path / "labels", _cfg(tmp_path / "train", labels_map={"Liver": (1,)}))
+    summary = convert_dataset(tmp_path / "dicom", tmp_path / "labels", _cfg(tmp_path / "train", labels_map={"Liver": (1,)}))
     assert summary.converted == ["case03"]
-    case = cv.load_meta(tmp_path / "train" / "MyHospital" / "CT_Liver")["cases"]["case03"]
+    case = load_meta(tmp_path / "train" / "MyHospital" / "CT_Liver")["cases"]["case03"]
     assert case["series_uid"] == "1.2.3.4.100" and case["other_series"] == {"1.2.3.4.200": 4}
     # a label drawn on the other series: the error names both series
     sitk.WriteImage(_to_image(label[:4], direction=ident), str(tmp_path / "labels" / "case03.nrrd"))
-    with pytest.raises(cv.ConversionError, match=r"1\.2\.3\.4\.100.*1\.2\.3\.4\.200 \(4 files\)"):
-        cv.convert_case(folder, tmp_path / "labels" / "case03.nrrd", _cfg(tmp_path / "t2", labels_map={"Liver": (1,)}))
+    with pytest.raises(ConversionError, match=r"1\.2\.3\.4\.100.*1\.2\.3\.4\.200 \(4 files\)"):
+        convert_case(folder, tmp_path / "labels" / "case03.nrrd", _cfg(tmp_path / "t2", labels_map={"Liver": (1,)}))
 
 
 def test_orphan_label_is_reported(tmp_path):
@@ -387,7 +411,7 @@ def test_orphan_label_is_reported(tmp_path):
     _write_case(images, labels, "a")
     _write_case(images, labels, "b")
     (images / "b.nii.gz").unlink()
-    summary = cv.convert_dataset(images, labels, _cfg(tmp_path / "train"))
+    summary = convert_dataset(images, labels, _cfg(tmp_path / "train"))
     assert summary.converted == ["a"]
     reason = dict(summary.skipped)[str(labels / "b.nii.gz")]
     assert "label without an image" in reason
@@ -396,8 +420,8 @@ def test_orphan_label_is_reported(tmp_path):
 def test_slice_step_keeps_every_nth_target_slice(tmp_path):
     images, labels = tmp_path / "images", tmp_path / "labels"
     _write_case(images, labels, "c")
-    every = cv.convert_dataset(images, labels, _cfg(tmp_path / "all", labels_map={"Liver": (1,)}))
-    thin = cv.convert_dataset(images, labels, _cfg(tmp_path / "thin", labels_map={"Liver": (1,)}, slice_step=2))
+    every = convert_dataset(images, labels, _cfg(tmp_path / "all", labels_map={"Liver": (1,)}))
+    thin = convert_dataset(images, labels, _cfg(tmp_path / "thin", labels_map={"Liver": (1,)}, slice_step=2))
     names = sorted(p.name for p in (tmp_path / "all" / "MyHospital" / "CT_Liver" / "npy_gts").iterdir())
     kept = sorted(p.name for p in (tmp_path / "thin" / "MyHospital" / "CT_Liver" / "npy_gts").iterdir())
     assert every.slices == {"CT_Liver": 4} and thin.slices == {"CT_Liver": 2}

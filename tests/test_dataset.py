@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from medsegx.data.catalog import BAD_IMAGE, DataError, open_catalog
+from medsegx.data.catalog import open_catalog
 from medsegx.data.dataset import MedSegDataset, load_image, load_mask, tight_box
+from medsegx.data.errors import DataError
+from medsegx.data.npy import BAD_IMAGE
 
 
 def write_pair(folder: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:

@@ -9,32 +9,28 @@ Layouts (``[Sequence]`` may be any number of folders, including none):
 :func:`open_catalog` accepts the MedSegDB root, ``eval``, one split root (``train``, ``eval/ID``,
 ``eval/OOD`` with a shift type, ``eval/OOD/cross_site``) or any folder inside one. Slices are checked
 cheaply while indexing (npy headers of images, full read of the small masks) and bad ones are
-skipped and counted (or raise with ``strict=True``). The result is cached per split root in the
-user's cache folder (``$MEDSEGX_CACHE_DIR``, else ``$XDG_CACHE_HOME/medsegx/index`` or
-``~/.cache/medsegx/index``), never in the data tree. A cached leaf folder is reused only while its
-``npy_imgs``/``npy_gts`` listings, file sizes and modification times are unchanged; any other leaf
-is checked again.
+skipped and counted (or raise with ``strict=True``). The checks are :mod:`medsegx.data.npy`'s; the
+walk and its cache in the user's cache folder (never in the data tree) are :mod:`medsegx.data.index`'s.
+This module finds the split roots, reads each leaf folder's place in the layout and its context, and
+serves the records as a :class:`Catalog`.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
-import math
 import os
-import re
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
 import numpy as np
 
-from medsegx.data.layout import (
+from .errors import DataError
+from .index import index_split_root, list_subdirs
+from .layout import (
     EVAL,
     EXTERNAL_SPLITS,
     ID,
@@ -46,30 +42,10 @@ from medsegx.data.layout import (
     case_and_slice,
     group_key,
 )
-from medsegx.data.taxonomy import Context, Taxonomy, TaxonomyError, load_taxonomy
-from medsegx.fileio import atomic_write
+from .npy import LAYOUT, UNKNOWN_MODALITY
+from .taxonomy import Context, Taxonomy, TaxonomyError, load_taxonomy
 
 logger = logging.getLogger(__name__)
-
-# Bump when the checks or the cached fields change: older caches are then rebuilt.
-INDEX_FORMAT = 2
-
-# Problem kinds. Every one skips the slice (or the folder), or raises with strict=True.
-MISSING_MASK = "missing_mask"  # image without a mask of the same name
-MISSING_IMAGE = "missing_image"  # mask without an image
-UNREADABLE = "unreadable"  # not an npy file, truncated, or cannot be opened
-NOT_NPY = "not_npy"  # a file without the .npy suffix in npy_imgs/npy_gts
-BAD_IMAGE = "bad_image"  # image dtype or shape not supported
-BAD_MASK = "bad_mask"  # mask dtype or shape not supported
-SIZE_MISMATCH = "size_mismatch"  # image and mask of different height/width
-EMPTY_MASK = "empty_mask"  # no foreground: a box prompt needs a target
-LAYOUT = "layout"  # a folder that does not fit the MedSegDB layout
-UNKNOWN_MODALITY = "unknown_modality"  # task folder whose modality is not in the taxonomy
-
-
-
-class DataError(ValueError):
-    """Bad data found with ``strict=True``, or a slice that can no longer be read as indexed."""
 
 
 @dataclass(frozen=True)
@@ -138,31 +114,9 @@ class Folder:
     group_key: tuple[str, ...]
 
 
-@dataclass
-class _LeafEntry:
-    """Index of one leaf folder, as cached: slice names (utf-8 blob + offsets) and its problems."""
-
-    rel: str
-    sig: str
-    blob: bytes
-    offsets: np.ndarray  # (n+1,) int64, starting at 0
-    problems: list[tuple[str, str, str]] = field(default_factory=list)  # kind, file (rel), detail
-    binarised: int = 0
-    label_max: int = 0
-
-    @property
-    def count(self) -> int:
-        return len(self.offsets) - 1
-
-
 # ---------------------------------------------------------------------------------------------
 # Where the splits are
 # ---------------------------------------------------------------------------------------------
-def _subdirs(path: Path) -> set[str]:
-    with os.scandir(path) as it:
-        return {e.name for e in it if e.is_dir() and not e.name.startswith(".")}
-
-
 def find_split_roots(path: str | Path, shift_type: str | None = None, *,
                      splits: Collection[str] | None = None, layout: str | None = None) -> list[SplitRoot]:
     """The split roots under (or above) ``path``.
@@ -191,7 +145,7 @@ def find_split_roots(path: str | Path, shift_type: str | None = None, *,
                 found += external(base / name, name)
         return found
 
-    children = _subdirs(root)
+    children = list_subdirs(root)
     if layout is not None:
         found = [SplitRoot(root, root.name, layout)]
     elif root.name in SHIFT_TYPES:
@@ -240,327 +194,6 @@ def _parse_folder(rel: tuple[str, ...], layout: str) -> tuple[str, str, str | No
         raise ValueError("expected Modality_Task/Dataset/[Sequence/]finetune|inference above npy_imgs and npy_gts")
     i = marks[-1]
     return rel[1], rel[0], "/".join(rel[2:i] + rel[i + 1:]) or None, rel[i]
-
-
-def _walk_leaves(split_root: Path, within: tuple[str, ...]) -> list[str]:
-    """Leaf folders (those holding npy_imgs/npy_gts) as paths relative to ``split_root``, sorted."""
-    found: list[str] = []
-
-    def visit(rel: tuple[str, ...]) -> None:
-        here = os.path.join(split_root, *rel)
-        try:
-            names = _subdirs(Path(here))
-        except OSError as err:
-            logger.warning("cannot list %s: %s", here, err)
-            return
-        if IMAGES_DIR in names or MASKS_DIR in names:
-            found.append("/".join(rel))
-        for name in sorted(names - {IMAGES_DIR, MASKS_DIR}):
-            visit((*rel, name))
-
-    visit(within)
-    return found
-
-
-def _leaf_signature(split_root: Path, rel: str) -> str:
-    """A digest of a leaf's two listings with every file's size and modification time.
-
-    Any added, removed, renamed, rewritten or touched slice changes it (folder times alone miss a
-    file rewritten in place, and a reused temporary path can hold another tree of the same names).
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for sub in (IMAGES_DIR, MASKS_DIR):
-        folder = os.path.join(split_root, rel, sub)
-        try:
-            with os.scandir(folder) as it:
-                entries = []
-                for entry in it:
-                    try:
-                        st = entry.stat()
-                        entries.append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}")
-                    except OSError:
-                        entries.append(f"{entry.name}\0?")
-        except OSError:
-            entries = ["<unreadable>"]
-        digest.update(sub.encode())
-        digest.update("\n".join(sorted(entries)).encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Checking one slice cheaply
-# ---------------------------------------------------------------------------------------------
-class _Bad(Exception):
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
-
-
-_HEADER_MEMO: dict[bytes, tuple[tuple[int, ...], np.dtype, bool]] = {}
-_HEAD_READ = 256  # bytes read first: the whole header of any ordinary npy file (usually 128)
-
-
-def _parse_npy_header(head: bytes, read_more: Callable[[int], bytes]) -> tuple[tuple[int, ...], np.dtype, bool, int]:
-    """(shape, dtype, fortran_order, data offset) from the first bytes of an npy file; raises _Bad."""
-    if len(head) < 10 or head[:6] != b"\x93NUMPY":
-        raise _Bad(UNREADABLE, "not a .npy file (bad magic bytes)" if len(head) >= 6 else "empty or truncated file")
-    major = head[6]
-    if major == 1:
-        end = 10 + int.from_bytes(head[8:10], "little")
-    elif major in (2, 3):
-        end = 12 + int.from_bytes(head[8:12], "little")
-    else:
-        raise _Bad(UNREADABLE, f"unsupported .npy format version {major}")
-    if end > len(head):
-        head += read_more(end - len(head))
-        if end > len(head):
-            raise _Bad(UNREADABLE, "truncated .npy header")
-    raw = head[:end]
-    cached = _HEADER_MEMO.get(raw)
-    if cached is None:
-        # Headers repeat across a folder (same shape and dtype): parse each distinct one once.
-        try:
-            stream = io.BytesIO(raw)
-            version = np.lib.format.read_magic(stream)
-            reader = np.lib.format.read_array_header_1_0 if version[0] == 1 else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = reader(stream)
-        except (ValueError, OSError, SyntaxError) as err:
-            raise _Bad(UNREADABLE, f"corrupt .npy header ({err})") from None
-        cached = (tuple(shape), dtype, bool(fortran))
-        if len(_HEADER_MEMO) < 4096:
-            _HEADER_MEMO[raw] = cached
-    return (*cached, end)
-
-
-def _check_image(path: str) -> tuple[int, int]:
-    """Image (H,W[,1|3]) uint8, from its header and file size only -> (H, W); raises _Bad."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            shape, dtype, _, offset = _parse_npy_header(os.read(fd, _HEAD_READ), lambda n: os.read(fd, n))
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-    except OSError as err:
-        raise _Bad(UNREADABLE, f"cannot read image: {err}") from None
-    if dtype != np.uint8:
-        raise _Bad(BAD_IMAGE, f"image dtype {dtype} is not supported: images must be uint8 0..255 "
-                              "(window/rescale 16-bit or float data when converting)")
-    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3))) or 0 in shape:
-        raise _Bad(BAD_IMAGE, f"image shape {shape} is not (H,W), (H,W,1) or (H,W,3)")
-    expected = offset + math.prod(shape)
-    if size < expected:
-        raise _Bad(UNREADABLE, f"truncated image file ({size} of {expected} bytes)")
-    return shape[0], shape[1]
-
-
-def read_npy_mask(path: str | Path) -> np.ndarray:
-    """Read a mask file fully, checked -> (H,W) array (a trailing axis of 1 is dropped) of a bool,
-    integer or float dtype, values as stored; raises _Bad."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            # One read of the whole (small) file; a second only for an unusually long header.
-            data = os.read(fd, max(os.fstat(fd).st_size, _HEAD_READ))
-            shape, dtype, fortran, offset = _parse_npy_header(data, lambda n: os.read(fd, n))
-        finally:
-            os.close(fd)
-    except OSError as err:
-        raise _Bad(UNREADABLE, f"cannot read mask: {err}") from None
-    if dtype.hasobject or dtype.kind not in "buif":
-        raise _Bad(BAD_MASK, f"mask dtype {dtype} is not supported (expected uint8 0/1)")
-    nbytes = math.prod(shape) * dtype.itemsize
-    if len(data) < offset + nbytes:
-        raise _Bad(UNREADABLE, f"truncated mask file ({len(data)} of {offset + nbytes} bytes)")
-    mask = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
-    mask = mask.reshape(shape, order="F" if fortran else "C")
-    if mask.ndim == 3 and mask.shape[2] == 1:
-        mask = mask[..., 0]
-    if mask.ndim != 2 or 0 in mask.shape:
-        raise _Bad(BAD_MASK, f"mask shape {shape} is not (H,W) or (H,W,1)")
-    return mask
-
-
-def _check_pair(image_path: str, mask_path: str) -> tuple[str, str, str, int]:
-    """Check one pair -> (problem kind or "", detail, "npy_imgs"/"npy_gts": the file at fault,
-    label_max). A usable pair has kind ""; its label_max > 1 flags a mask that needs binarising."""
-    try:
-        height, width = _check_image(image_path)
-    except _Bad as bad:
-        return bad.kind, bad.detail, IMAGES_DIR, 0
-    try:
-        mask = read_npy_mask(mask_path)
-    except _Bad as bad:
-        return bad.kind, bad.detail, MASKS_DIR, 0
-    if mask.shape != (height, width):
-        return SIZE_MISMATCH, f"image is {height}x{width} but mask is {mask.shape[0]}x{mask.shape[1]}", MASKS_DIR, 0
-    label_max = mask.max()
-    if not label_max > 0:
-        return EMPTY_MASK, "mask has no foreground (a box prompt needs a target)", MASKS_DIR, 0
-    binary = label_max == 1 and (mask.dtype.kind in "bu" or mask.min() >= 0)
-    return "", "", "", 0 if binary else max(2, int(np.ceil(label_max)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Indexing one leaf folder
-# ---------------------------------------------------------------------------------------------
-def _pack_names(names: list[str]) -> tuple[bytes, np.ndarray]:
-    encoded = [n.encode("utf-8") for n in names]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    return b"".join(encoded), offsets
-
-
-def _list_npy(folder: str, label: str, problems: list[tuple[str, str, str]]) -> set[str]:
-    try:
-        entries = os.listdir(folder)
-    except FileNotFoundError:
-        return set()
-    except OSError as err:
-        problems.append((UNREADABLE, label, f"cannot list folder: {err}"))
-        return set()
-    names = set()
-    for name in entries:
-        if name.startswith("."):
-            continue
-        if name.endswith(".npy"):
-            names.add(name)
-        else:
-            problems.append((NOT_NPY, f"{label}/{name}", "not a .npy file"))
-    return names
-
-
-def _scan_leaf(split_root: Path, rel: str, sig: str, pool: ThreadPoolExecutor | None) -> _LeafEntry:
-    base = os.path.join(split_root, rel)
-    img_dir, gt_dir = os.path.join(base, IMAGES_DIR), os.path.join(base, MASKS_DIR)
-    prefix = f"{rel}/" if rel else ""
-    problems: list[tuple[str, str, str]] = []
-    images = _list_npy(img_dir, prefix + IMAGES_DIR, problems)
-    masks = _list_npy(gt_dir, prefix + MASKS_DIR, problems)
-    for name in sorted(images - masks):
-        problems.append((MISSING_MASK, f"{prefix}{IMAGES_DIR}/{name}", f"no mask {MASKS_DIR}/{name}"))
-    for name in sorted(masks - images):
-        problems.append((MISSING_IMAGE, f"{prefix}{MASKS_DIR}/{name}", f"no image {IMAGES_DIR}/{name}"))
-    pairs = sorted(images & masks)
-
-    def check(name: str) -> tuple[str, str, str, int]:
-        return _check_pair(os.path.join(img_dir, name), os.path.join(gt_dir, name))
-
-    results = list(pool.map(check, pairs, chunksize=256)) if pool is not None and len(pairs) > 64 \
-        else [check(n) for n in pairs]
-    kept: list[str] = []
-    binarised, label_max = 0, 0
-    for name, (kind, detail, where, value) in zip(pairs, results, strict=True):
-        if kind:
-            problems.append((kind, f"{prefix}{where}/{name}", detail))
-            continue
-        kept.append(name)
-        if value:
-            binarised += 1
-            label_max = max(label_max, value)
-    blob, offsets = _pack_names(kept)
-    return _LeafEntry(rel, sig, blob, offsets, problems, binarised, label_max)
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache
-# ---------------------------------------------------------------------------------------------
-def _user_cache_dir() -> Path:
-    if os.environ.get("MEDSEGX_CACHE_DIR"):
-        return Path(os.environ["MEDSEGX_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "medsegx" / "index"
-
-
-def _cache_path(split_root: Path, cache_dir: str | Path | None) -> Path:
-    """The index cache of ``split_root``: in ``cache_dir`` or the user cache folder, keyed by the tree's path."""
-    digest = hashlib.sha1(str(split_root).encode("utf-8")).hexdigest()[:16]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(split_root.parts[-3:]))
-    return Path(cache_dir if cache_dir is not None else _user_cache_dir()) / f"{slug}-{digest}.npz"
-
-
-def _load_cache(path: Path) -> dict[str, _LeafEntry]:
-    """The cached leaf entries of ``path``; empty when absent, unreadable or of another format."""
-    if not path.is_file():
-        return {}
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(z["meta"].tobytes().decode("utf-8"))
-            if meta.get("format") != INDEX_FORMAT:
-                logger.info("index cache %s has format %s (want %d): rebuilding", path, meta.get("format"),
-                            INDEX_FORMAT)
-                return {}
-            blob = z["names_blob"].tobytes()
-            offsets = z["names_offsets"]
-    except Exception as err:  # noqa: BLE001 - a broken cache is rebuilt, never fatal
-        logger.warning("ignoring unreadable index cache %s: %s", path, err)
-        return {}
-    entries = {}
-    for leaf in meta["leaves"]:
-        start, count = leaf["start"], leaf["count"]
-        lo, hi = int(offsets[start]), int(offsets[start + count])
-        entries[leaf["rel"]] = _LeafEntry(
-            leaf["rel"], str(leaf["sig"]), blob[lo:hi], offsets[start:start + count + 1] - lo,
-            [tuple(p) for p in leaf["problems"]], leaf["binarised"], leaf["label_max"],
-        )
-    return entries
-
-
-def _save_cache(path: Path, entries: Iterable[_LeafEntry]) -> Path | None:
-    """Write the index cache atomically (concurrent readers, e.g. other ranks, see old or new) -> path or None."""
-    entries = sorted(entries, key=lambda e: e.rel)
-    leaves, blobs, offset_parts = [], [], [np.zeros(1, dtype=np.int64)]
-    start, byte_pos = 0, 0
-    for e in entries:
-        leaves.append({"rel": e.rel, "sig": e.sig, "start": start, "count": e.count,
-                       "problems": [list(p) for p in e.problems], "binarised": e.binarised,
-                       "label_max": e.label_max})
-        blobs.append(e.blob)
-        offset_parts.append(e.offsets[1:] + byte_pos)
-        start += e.count
-        byte_pos += len(e.blob)
-    meta = json.dumps({"format": INDEX_FORMAT, "leaves": leaves}).encode("utf-8")
-    arrays = {
-        "meta": np.frombuffer(meta, dtype=np.uint8),
-        "names_blob": np.frombuffer(b"".join(blobs), dtype=np.uint8),
-        "names_offsets": np.concatenate(offset_parts),
-    }
-    try:
-        atomic_write(path, lambda handle: np.savez(handle, **arrays))
-        return path
-    except OSError as err:
-        logger.warning("index cache not written (%s: %s); the tree will be checked again next time", path, err)
-        return None
-
-
-def _index_split_root(root: SplitRoot, *, cache_dir: str | Path | None, use_cache: bool, refresh: bool,
-                      pool: ThreadPoolExecutor | None) -> tuple[list[_LeafEntry], str]:
-    """Leaf entries of ``root`` (only those under ``root.within``) and a note on cache use."""
-    leaves = _walk_leaves(root.path, root.within)
-    sign = lambda rel: _leaf_signature(root.path, rel)  # noqa: E731
-    signatures = list(pool.map(sign, leaves)) if pool is not None and len(leaves) > 1 else [sign(r) for r in leaves]
-    cache_path = _cache_path(root.path, cache_dir)
-    cached = _load_cache(cache_path) if use_cache else {}
-    reusable = {} if refresh else cached
-    entries, scanned = [], 0
-    for rel, sig in zip(leaves, signatures, strict=True):
-        entry = reusable.get(rel)
-        if entry is None or entry.sig != sig:
-            entry = _scan_leaf(root.path, rel, sig, pool)
-            scanned += 1
-        entries.append(entry)
-    note = f"{len(leaves) - scanned} of {len(leaves)} folders from cache"
-    stale = set(cached) - set(leaves) if not root.within else set()
-    if use_cache and (scanned or stale):
-        merged: dict[str, _LeafEntry] = {}
-        if root.within:  # a partial walk: keep the cached rest of the tree as it was
-            prefix = "/".join(root.within)
-            merged = {k: v for k, v in cached.items() if not (k == prefix or k.startswith(prefix + "/"))}
-        merged.update({e.rel: e for e in entries})
-        written = _save_cache(cache_path, merged.values())
-        note += f", cache written to {written}" if written else ", cache not written"
-    return entries, note
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,8 +389,8 @@ def open_catalog(path: str | Path, shift_type: str | None = None, *, splits: Col
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
         for root in roots:
-            entries, note = _index_split_root(root, cache_dir=cache_dir, use_cache=use_cache,
-                                              refresh=refresh, pool=pool)
+            entries, note = index_split_root(root.path, root.within, cache_dir=cache_dir, use_cache=use_cache,
+                                             refresh=refresh, pool=pool)
             notes.append(f"{root.split}: {note}")
             for entry in entries:
                 problems += [IndexProblem(k, str(root.path / f), d) for k, f, d in entry.problems]

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from medsegx.data.catalog import DataError, SliceRecord, _Bad, read_npy_mask
+from .catalog import SliceRecord
+from .errors import DataError
+from .npy import BadSlice, read_npy_mask
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def load_mask(path: str | Path) -> np.ndarray:
     """Read a mask slice -> (H,W) uint8 0/1, binarised as ``mask > 0`` (labels 255 or several classes)."""
     try:
         mask = read_npy_mask(path)
-    except _Bad as bad:
+    except BadSlice as bad:
         raise DataError(f"{path}: {bad.detail}") from None
     return (mask > 0).astype(np.uint8)
 

@@ -23,7 +23,8 @@ EVAL = "eval"
 ID = "ID"
 EXTERNAL_SPLITS = ("OOD", "RealWorld")
 SHIFT_TYPES = ("cross_site", "cross_task")
-SUBSETS = ("finetune", "inference")
+FINETUNE, INFERENCE = "finetune", "inference"  # an external site: adaptation data, held-out test data
+SUBSETS = (FINETUNE, INFERENCE)
 # Position of the task in a report group: internal (ID, train) groups are Dataset/Task, external Task/Dataset.
 TASK_POSITION = {"internal": 1, "external": 0}
 
@@ -33,6 +34,11 @@ _SLICE = re.compile(r"^casenum_(?P<case>.+)_sliceid_(?P<slice>[^_]+)\.npy$")
 def slice_name(case: str, k: int) -> str:
     """The file name of slice ``k`` of ``case``."""
     return f"casenum_{case}_sliceid_{k}.npy"
+
+
+def slice_glob(case: str) -> str:
+    """A glob pattern matching every slice file of ``case`` (escape ``case`` with ``glob.escape`` first)."""
+    return f"casenum_{case}_sliceid_*.npy"
 
 
 def parse_slice_name(name: str) -> tuple[str, int]:

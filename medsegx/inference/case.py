@@ -1,9 +1,9 @@
 """One case: an image and its prompts in, a label map in the image's own geometry out.
 
-The image goes through :mod:`medsegx.data.convert`'s slice stack (the re-orientation, intensity
+The image goes through :mod:`medsegx.data.volume`'s slice stack (the re-orientation, intensity
 mapping and resampling ``prepare_data.py`` applies), the model runs on its slices
 (:class:`~medsegx.inference.runner.SliceRunner`), and the masks come back through the exact inverse
-(:func:`~medsegx.data.convert.mask_to_plane`, :func:`~medsegx.data.convert.stack_to_image`). Labels are
+(:func:`~medsegx.data.volume.mask_to_plane`, :func:`~medsegx.data.volume.stack_to_image`). Labels are
 read only by :func:`score_reference`, after the prediction.
 """
 from __future__ import annotations
@@ -22,17 +22,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
-from ..data.convert import (
-    DEFAULT_PERCENTILES,
-    IMAGE2D_EXTENSIONS,
-    ConversionError,
-    SliceStack,
-    read_image,
-    slice_stack,
-    stack_intensity,
-    stack_to_image,
-    to_display,
-)
+from ..data.errors import ConversionError, DataError
+from ..data.intensity import to_display
+from ..data.presets import DEFAULT_PERCENTILES
+from ..data.sources import IMAGE2D_EXTENSIONS, read_image
+from ..data.volume import SliceStack, slice_stack, stack_intensity, stack_to_image
 from .prompts import (
     NPY_EXTENSION,
     ObjectPrompt,
@@ -76,7 +70,6 @@ def read_case_image(path: str | Path) -> sitk.Image:
     MedSegDB ``.npy`` slice ((H, W[, 3]) uint8, read without unpickling)."""
     path = Path(path)
     if path.is_file() and path.name.lower().endswith(NPY_EXTENSION):
-        from ..data.catalog import DataError
         from ..data.dataset import load_image
 
         try:

@@ -1,7 +1,7 @@
 """Prompts for prediction: what the user gives (boxes, a prompts file, a rough mask) -> per-slice boxes.
 
 Every prompt becomes a mask in the image's stored voxel order first (a box is a cuboid of voxels),
-then goes through the same re-ordering and slicing as the image (:class:`~medsegx.data.convert.SliceStack`),
+then goes through the same re-ordering and slicing as the image (:class:`~medsegx.data.volume.SliceStack`),
 and each slice's box is derived from it as the evaluation derives boxes from labels: the tight box of
 the mask resampled to the 256 grid (nearest neighbour, as ``prepare_data.py`` resamples labels).
 So a box drawn in ITK-SNAP / 3D Slicer coordinates lands on exactly the pixels it covers, whatever
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.convert import IMAGE_SUFFIXES, TARGET_SIZE, SliceStack, resize_mask, strip_extension
+from ..data.intensity import TARGET_SIZE, resize_mask
+from ..data.sources import IMAGE_SUFFIXES, strip_extension
 from ..data.taxonomy import NEUTRAL_ROW, TaxonomyError, load_taxonomy
+from ..data.volume import SliceStack
 from ..errors import UserError
 
 logger = logging.getLogger(__name__)

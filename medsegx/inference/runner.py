@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .. import runtime
 from ..args import LABEL_FREE_SELECTION
-from ..data.convert import SliceStack, mask_to_plane, model_slice, put_plane
+from ..data.volume import SliceStack, mask_to_plane, model_slice, put_plane
 from ..metrics.select import binarize, select_masks
 from .prompts import PreparedObject, plane_box
 
@@ -208,7 +208,7 @@ class SliceRunner:
 def compose_labels(stack: SliceStack, objects: Sequence[PreparedObject],
                    results: Sequence[dict[int, SliceOutput]]) -> np.ndarray:
     """Label volume in the stack's canonical order: each object's predicted slices, written back
-    through :func:`~medsegx.data.convert.mask_to_plane`, as its label value (later objects win
+    through :func:`~medsegx.data.volume.mask_to_plane`, as its label value (later objects win
     where objects overlap)."""
     record = stack.record
     shape = tuple(record["canonical_shape"])

@@ -18,7 +18,9 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from ..data.convert import DEFAULT_PERCENTILES, parse_labels_map, parse_window, read_label
+from ..data.convert import parse_labels_map
+from ..data.presets import DEFAULT_PERCENTILES, parse_window
+from ..data.sources import read_label
 from .case import (
     CasePrediction,
     PredictOptions,

@@ -13,9 +13,9 @@ from typing import Any
 
 from .. import reports, runtime
 from ..data.catalog import describe_problems, open_catalog, problem_summary
-from ..data.convert import slice_spacing
 from ..data.dataset import MedSegDataset
 from ..data.layout import ID, SHIFT_TYPES, external_stem
+from ..data.meta import slice_spacing
 from ..engine import evaluate, make_eval_loader
 from ..errors import UserError
 from ..fileio import ensure_writable_dir

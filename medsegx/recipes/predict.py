@@ -14,16 +14,16 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from .. import runtime
-from ..data.convert import (
+from ..data.convert import parse_labels_map
+from ..data.errors import ConversionError
+from ..data.presets import parse_window
+from ..data.sources import (
     IMAGE2D_EXTENSIONS,
     VOLUME_EXTENSIONS,
-    ConversionError,
     check_image_dimensions,
     check_label_geometry,
     find_images,
     find_label,
-    parse_labels_map,
-    parse_window,
     read_label,
 )
 from ..data.taxonomy import load_taxonomy

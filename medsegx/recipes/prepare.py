@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..data.convert import ConversionSummary, ConvertConfig, convert_dataset, parse_labels_map, parse_window
+from ..data.convert import ConversionSummary, ConvertConfig, convert_dataset, parse_labels_map
+from ..data.presets import parse_window
 from ..errors import UserError
 
 
