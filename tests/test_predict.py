@@ -33,8 +33,8 @@ ORGANS = "5:Liver,1:Spleen,2:RightKidney,3:LeftKidney"
 # the middle four of the slices (0..18) on which all four organs are present
 SLAB = slice(7, 11)
 # 3-D DSC of LiteMedSAM on SLAB with boxes from the labels (README "Segment your own scan": measured
-# 0.6307 / 0.9573 / 0.8894 / 0.8989); the floors sit 0.03 below.
-LITE_SLAB_DSC_FLOOR = {5: 0.60, 1: 0.92, 2: 0.85, 3: 0.86}
+# 0.8009 / 0.9790 / 0.9171 / 0.9336); the floors sit 0.03 below.
+LITE_SLAB_DSC_FLOOR = {5: 0.77, 1: 0.94, 2: 0.88, 3: 0.90}
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +121,8 @@ def test_lite_reaches_the_readme_dsc_in_the_input_geometry(tmp_path):
     assert scores[5]["dsc"] == pytest.approx(liver, abs=1e-9)
     for obj in log["objects"]:
         assert obj["slices_predicted"] == 4 and [s["z_index"] for s in obj["slices"]] == [0, 1, 2, 3]
-        assert all(s["output"] in (0, 1, 2) and len(s["iou_pred"]) == 3 for s in obj["slices"])
+        # lite has one output, LiteMedSAM's mask token 0 (docs/GENERALISATION.md)
+        assert all(s["output"] == 0 and len(s["iou_pred"]) == 1 for s in obj["slices"])
     assert (out / "slab_overlay.png").stat().st_size > 10_000
 
 
