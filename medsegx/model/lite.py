@@ -45,6 +45,7 @@ from torch import nn
 
 from .build import ModelConfig, apply_freeze_policy
 from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
+from .lite_fast import LiteFastPath
 from .sam256 import MedSegXOutput
 
 with warnings.catch_warnings():
@@ -240,11 +241,19 @@ class LiteImageEncoder(nn.Module):
         self._cache_dtype = torch.float32
         self._cache_device: torch.device | None = None
         self.cache_stats = {"hits": 0, "misses": 0, "stored": 0}
+        self._fast_path = LiteFastPath()
+        self.fast = fast
         self.set_fast(fast)
 
     # ------------------------------------------------------------------ modes
     def set_fast(self, fast: bool) -> None:
-        """Batched experts (fast) or the per-expert loop (the literal definition); same parameters."""
+        """The fast path (:mod:`medsegx.model.lite_fast`, batched experts) or the stock TinyViT
+        modules with the per-expert loop (the literal definition); same parameters.
+
+        The two agree to float rounding, not bit for bit, so switching forgets the prefix cache.
+        """
+        if fast != self.fast:
+            self.clear_prefix_cache()
         self.fast = fast
         for adapter in self.adapters:
             adapter.batched_experts = fast
@@ -328,7 +337,12 @@ class LiteImageEncoder(nn.Module):
     # ---------------------------------------------------------------- forward
     def run_prefix(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen steps before the first adapted block: ``B x 3 x 256 x 256`` (0..1) -> ``B x L x C``."""
-        for step in self._steps[: self.prefix_len]:
+        return self._run_steps(self._steps[: self.prefix_len], x)
+
+    def _run_steps(self, steps: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            return self._fast_path.run(steps, x)
+        for step in steps:
             x = step(x)
         return x
 
@@ -389,12 +403,15 @@ class LiteImageEncoder(nn.Module):
             h = self.run_prefix(x)
         ctx = embed_context(self.modal_embed, self.organ_embed, modal, organ)
         with self._context(ctx):
-            for step in self._steps[self.prefix_len :]:
-                h = step(h)
+            if self.fast:
+                h = self._fast_path.run(self._steps[self.prefix_len :], h, neck=self.neck)
+            else:
+                h = self._run_steps(self._steps[self.prefix_len :], h)
+                batch, _, channels = h.shape
+                side = self.img_size // 4
+                h = self.neck(h.view(batch, side, side, channels).permute(0, 3, 1, 2))
             gates = [adapter.last_gate for adapter in self.adapters]
-        batch, _, channels = h.shape
-        side = self.img_size // 4
-        h = self.neck(h.view(batch, side, side, channels).permute(0, 3, 1, 2))
+        batch = h.shape[0]
         if not gates:
             return h, h.new_zeros(0, batch, 0)
         return h, torch.stack(gates)
