@@ -166,12 +166,29 @@ class TinyViTConMoAE(ConMoAE):
         super().__init__(_MlpAfterNorm(mlp), dim, **kwargs)
         self.context: AdapterContext | None = None
         self.last_gate: torch.Tensor | None = None
+        # Without autograd, run the MLP and the experts on this many bytes of hidden
+        # activations at a time (None: the whole batch at once, the literal definition).
+        self.chunk_bytes: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``x``: the block's un-normalised MLP input ``B x N x C``."""
         if self.context is None:
             raise RuntimeError("TinyViTConMoAE runs inside LiteImageEncoder.forward, which supplies the slice context")
-        out, self.last_gate = super().forward(self.mlp.norm(x), self.context)
+        x = self.mlp.norm(x)
+        batch, tokens = x.shape[0], x.shape[1]
+        hidden_bytes = batch * tokens * self.mlp.fc1.out_features * x.element_size()
+        if torch.is_grad_enabled() or self.chunk_bytes is None or hidden_bytes <= self.chunk_bytes:
+            out, self.last_gate = super().forward(x, self.context)
+            return out
+        # The gate pools over all tokens; the rest is per token, so it runs in chunks of
+        # tokens whose hidden activations stay in cache (and out of fresh allocations).
+        gate = self.gate(x, self.context)
+        step = max(1, tokens * self.chunk_bytes // hidden_bytes)
+        out = torch.empty_like(x)
+        for t0 in range(0, tokens, step):
+            part = x[:, t0 : t0 + step]
+            out[:, t0 : t0 + step] = self.mlp(part) + self.scale * self.experts(part, gate)
+        self.last_gate = gate
         return out
 
 
@@ -257,6 +274,7 @@ class LiteImageEncoder(nn.Module):
         self.fast = fast
         for adapter in self.adapters:
             adapter.batched_experts = fast
+            adapter.chunk_bytes = self._fast_path.band_bytes if fast else None
 
     def train(self, mode: bool = True) -> LiteImageEncoder:
         """Train mode reaches the adapters (dropout) only.
@@ -484,20 +502,46 @@ class LiteMedSegX(nn.Module):
             multimask_output: True: masks ``B x 3 x 256 x 256`` and iou ``B x 3`` from mask
                 tokens 1..3 (MedSegX); False: token 0 only (``B x 1 ...``), LiteMedSAM's own output.
         """
-        embeddings, gates = self.image_encoder(self.preprocess(image), modal, organ, cache_keys=cache_keys)
-        box = box.to(device=embeddings.device, dtype=torch.float32)
         if box.dim() != 2 or box.shape != (image.shape[0], 4):
             raise ValueError(f"box must be B x 4 (one box per image), got {tuple(box.shape)}")
-        # As MedSAMLite.forward: one box per image, B x 1 x 4.
+        embeddings, gates = self.encode(image, modal, organ, cache_keys=cache_keys)
+        masks, iou_pred = self.decode(embeddings, box, multimask_output=multimask_output)
+        return MedSegXOutput(masks, iou_pred, gates)
+
+    def encode(
+        self,
+        image: torch.Tensor,
+        modal: torch.Tensor,
+        organ: torch.Tensor,
+        cache_keys: Sequence[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The box-independent part: image embeddings ``B x 256 x 64 x 64`` and the expert gates
+        ``n_adapted x B x E``. Several boxes on one slice need it once (see :meth:`decode`)."""
+        return self.image_encoder(self.preprocess(image), modal, organ, cache_keys=cache_keys)
+
+    def decode(
+        self, embeddings: torch.Tensor, box: torch.Tensor, multimask_output: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder: masks ``K x 3 x 256 x 256`` and iou ``K x 3`` (token 0 only,
+        ``K x 1 ...``, when not ``multimask_output``).
+
+        Args:
+            embeddings: ``K x 256 x 64 x 64`` (one box per image) or ``1 x ...`` (K boxes on one image).
+            box: ``K x 4`` x_min, y_min, x_max, y_max in the 256 grid.
+        """
+        box = box.to(device=embeddings.device, dtype=torch.float32)
+        if box.dim() != 2 or box.shape[1] != 4 or embeddings.shape[0] not in (1, box.shape[0]):
+            raise ValueError(f"box must be K x 4 for K images or one image, got {tuple(box.shape)} "
+                             f"for {embeddings.shape[0]} image embeddings")
+        # As MedSAMLite.forward: one box per prompt, K x 1 x 4 (the decoder repeats a single image's embedding).
         sparse, dense = self.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
-        masks, iou_pred = self.mask_decoder(
+        return self.mask_decoder(
             image_embeddings=embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
-        return MedSegXOutput(masks, iou_pred, gates)
 
     def predict_single_mask(
         self, image: torch.Tensor, box: torch.Tensor, modal: torch.Tensor, organ: torch.Tensor
