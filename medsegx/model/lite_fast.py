@@ -258,7 +258,10 @@ class LiteFastPath:
         names = ("stage0.a", "stage0.b")
         if patch_embed is not None:
             out = self._buffer(names[0], (*h.shape[:2], patch_embed.seq[2].c.out_channels), x.dtype, x.device)
-            h = self._patch_embed(patch_embed, h, dtype, out)
+            # In the image's dtype even under autocast (0.3 of ~70 GFLOP): bfloat16 keeps 8 significant
+            # bits, so neighbouring grey levels of a 0..1 image collide above 0.5, and the masks of
+            # low-contrast slices (ultrasound) then drift from the fp32 ones.
+            h = self._patch_embed(patch_embed, h, x.dtype, out)
         else:
             h = self._buffer(names[0], h.shape, x.dtype, x.device).copy_(h)
         for i, mb in enumerate(layer.blocks):
