@@ -28,9 +28,15 @@ The TinyViT transformer blocks, flattened in forward order, are what
     stage 3: blocks 8-9   64x64 tokens, 320 ch, window 7
 
 Stage 0 (two MBConv blocks at the full 256x256 with 64 channels) comes before
-them and costs about 40 % of a forward on CPU; everything before the first
+them and costs about 40 % of a stock forward on CPU; everything before the first
 adapted block is frozen and depends on the image only, so it can be kept
 per slice in the optional prefix cache (:meth:`LiteMedSegX.enable_prefix_cache`).
+The image embedding does not depend on the box either: :meth:`LiteMedSegX.encode`
+once and :meth:`LiteMedSegX.decode` with several boxes prompts one slice many times.
+
+The encoder runs on :mod:`medsegx.model.lite_fast` by default (the same parameters,
+results equal to rounding, ~2x faster on one CPU thread); ``set_fast(False)``
+(``--no_fast``) runs the stock TinyViT modules and the per-expert loop.
 """
 from __future__ import annotations
 

