@@ -305,7 +305,11 @@ class _Canvas:
         ext = size + pad
         pos = np.zeros_like(size)
         itype = np.int16 if len(items) < 2**15 else np.int32
-        width = _round_up(max(_CANVAS_WIDTH, int(ext[:, -1].max()) + 1), _COARSE)
+        if nd == 2:
+            width = _round_up(max(_CANVAS_WIDTH, int(ext[:, -1].max()) + 1), _COARSE)
+        else:  # a few large items must not sit in a mostly empty plane: about square shelves
+            area = int(np.sum(ext[:, -2] * ext[:, -1]))
+            width = _round_up(max(int(ext[:, -1].max()) + 1, math.isqrt(area) + 1), _COARSE)
         x = y = shelf = 0
         shelf_of = np.zeros(len(items), np.int64)
         shelf_rows = []  # (first row, rows) of each shelf
