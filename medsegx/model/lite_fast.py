@@ -416,7 +416,7 @@ class LiteFastPath:
         qkv = F.linear(h, self._cast(attn.qkv.weight, dtype), self._cast(attn.qkv.bias, dtype))
         h = self._window_attention(attn, qkv.view(1, height, width, -1), blk.window_size, dtype)
         h = F.linear(h.reshape(tokens, -1), self._cast(attn.proj.weight, dtype), self._cast(attn.proj.bias, dtype))
-        return self._local_conv(blk, (x + h).view(1, height, width, channels), dtype).reshape(tokens, channels)
+        return self._local_conv(blk, (x + h).reshape(1, height, width, channels), dtype).reshape(tokens, channels)
 
     def _mlp_residual_(self, mlp: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``x += fc2(GELU(fc1(norm(x))))`` for tokens ``L x C`` (no autograd), in chunks of tokens."""
