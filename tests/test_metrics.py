@@ -170,6 +170,81 @@ def test_per_item_spacing_3d():
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def _organ_volumes(n: int, shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Organ-like 3-D pairs of very different sizes and depths (a CT's labels): small and large
+    blobs, thin slabs, boundary noise, shifts, islands, a miss; no empty mask."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.arange(k) for k in shape], indexing="ij")
+    preds, gts = np.zeros((n, *shape), bool), np.zeros((n, *shape), bool)
+    for i in range(n):
+        centre = [rng.uniform(0.2 * k, 0.8 * k) for k in shape]
+        radii = [rng.uniform(1.0, 0.45 * k) * (0.3 if i % 5 == 0 and a == 0 else 1.0) for a, k in enumerate(shape)]
+        r = sum(((gr - c) / rr) ** 2 for gr, c, rr in zip(grids, centre, radii, strict=True))
+        g = r < 1
+        if not g.any():
+            g[tuple(int(c) for c in centre)] = True
+        noise = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
+        p = r + noise * rng.uniform(0, 1.5) / (noise.std() + 1e-9) * 0.3 < 1
+        p = np.roll(p, tuple(int(v) for v in rng.integers(-1, 2, 3)), axis=(0, 1, 2))
+        if i % 7 == 3:  # a false-positive island
+            p[tuple(int(rng.integers(0, k)) for k in shape)] = True
+        if i % 11 == 5:  # a miss: the prediction is elsewhere
+            p = np.roll(g, (0, shape[1] // 2, shape[2] // 2), axis=(0, 1, 2))
+        if not p.any():
+            p = g.copy()
+        preds[i], gts[i] = p, g
+    return preds, gts
+
+
+@pytest.mark.parametrize("spacing", [(3.0, 3.0, 3.0), (2.5, 0.7, 0.9), None])
+def test_3d_organ_volumes_match_monai(spacing):
+    """Volumes as a CT's organs (items of very different sizes and depths, width not a multiple of 64):
+    HD95, HD and NSD equal MONAI's (the canvases pack items by depth, the bounding boxes come from
+    the sparse foreground)."""
+    p, g = _organ_volumes(23, (18, 37, 45), seed=11)
+    monai_spacing = list(spacing) if spacing is not None else None
+    np.testing.assert_allclose(hd95(p, g, spacing=spacing), monai_hausdorff(p, g, 95, monai_spacing),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hd(p, g, spacing=spacing), monai_hausdorff(p, g, None, monai_spacing),
+                               rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(nsd(p, g, 2.0, spacing=spacing), monai_nsd(p, g, 2.0, monai_spacing), atol=1e-6)
+
+
+def test_3d_many_canvases_exact(monkeypatch):
+    """Items spread over many canvases (a small canvas budget): distances still exact (scipy EDT)."""
+    import medsegx.metrics.surface as surface
+
+    p, g = _organ_volumes(9, (14, 30, 27), seed=12)
+    spacing = (2.0, 0.8, 1.1)
+    whole = edge_distances(p, g, spacing=spacing)
+    monkeypatch.setattr(surface, "_CANVAS_VOXELS", 4000)
+    split = edge_distances(p, g, spacing=spacing)
+    for i in range(len(p)):
+        ref_pg, ref_gp = scipy_distances(p[i], g[i], spacing)
+        for ed in (whole, split):
+            np.testing.assert_allclose(np.sort(ed.item(i)[0]), np.sort(ref_pg), rtol=1e-12)
+            np.testing.assert_allclose(np.sort(ed.item(i)[1]), np.sort(ref_gp), rtol=1e-12)
+
+
+def test_bounding_boxes_dense_and_sparse():
+    """The bounding boxes of p | g, from the dense reductions and from the sparse foreground."""
+    from medsegx.metrics.surface import _bounding_boxes
+
+    rng = np.random.default_rng(13)
+    for shape in [(5, 7, 9, 13), (3, 4, 50), (6, 3, 5, 66), (4, 12, 64), (2, 1, 1, 1)]:
+        for density in (0.0, 0.002, 0.05, 0.6):
+            p = rng.random(shape) < density
+            g = rng.random(shape) < density / 2
+            p[0] = g[0] = False
+            lo, hi, nonempty = _bounding_boxes(p, g)
+            for i, m in enumerate(p | g):
+                where = np.nonzero(m)
+                assert nonempty[i] == (where[0].size > 0)
+                if nonempty[i]:
+                    assert lo[i].tolist() == [int(w.min()) for w in where]
+                    assert hi[i].tolist() == [int(w.max()) + 1 for w in where]
+
+
 # ----------------------------------------------------------------------------- exactness
 
 @pytest.mark.parametrize("spacing", [None, (1.0, 1.0), (0.3, 2.7), (0.1, 5.0)])
