@@ -405,11 +405,12 @@ def predict_parser(prog: str | None = None) -> Parser:
     run = p.add_argument_group("runtime")
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward")
     run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
-    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"])
+    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
+                     help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
     run.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
                      help="the GPU to use (one); none present: the CPU")
     run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="random seed (the adapters' dropout is off at inference)")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
     run.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     return p

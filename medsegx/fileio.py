@@ -60,11 +60,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(data))
 
 
-def figure_writer(fig: Any, **savefig_kwargs: Any) -> Writer:
-    """A writer that renders a matplotlib figure as PNG."""
-    return lambda handle: fig.savefig(handle, format="png", **savefig_kwargs)
-
-
 def atomic_write_set(files: Mapping[str | Path, Writer | str]) -> list[Path]:
     """Write several files as a set: all to temporary names first, then each renamed into place.
 

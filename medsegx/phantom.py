@@ -40,19 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.layout import (
-    EVAL,
-    EXTERNAL_SPLITS,
-    ID,
-    IMAGES_DIR,
-    MASKS_DIR,
-    SHIFT_TYPES,
-    SUBSETS,
-    TRAIN,
-    external_folder,
-    id_folder,
-    slice_name,
-)
+from .data import layout
 
 logger = logging.getLogger(__name__)
 
@@ -545,8 +533,10 @@ PHANTOM_TASKS: tuple[PhantomTask, ...] = (
                 volumetric=True),
 )
 
-_ROLE_DIR = {"ood_site": (EXTERNAL_SPLITS[0], SHIFT_TYPES[0]), "ood_task": (EXTERNAL_SPLITS[0], SHIFT_TYPES[1]),
-             "rw_site": (EXTERNAL_SPLITS[1], SHIFT_TYPES[0]), "rw_task": (EXTERNAL_SPLITS[1], SHIFT_TYPES[1])}
+_OOD, _REAL_WORLD = layout.EXTERNAL_SPLITS
+_SITE, _TASK = layout.SHIFT_TYPES
+_ROLE_DIR = {"ood_site": (_OOD, _SITE), "ood_task": (_OOD, _TASK), "rw_site": (_REAL_WORLD, _SITE),
+             "rw_task": (_REAL_WORLD, _TASK)}
 
 
 def _rng(seed: int, key: str) -> np.random.Generator:
@@ -594,8 +584,8 @@ def _write_set(out: Path, spec: PhantomTask, sequence: str | None, n: int, seed:
     """Write ``n`` slices of ``spec`` into ``out/npy_imgs|npy_gts``; returns the count."""
     if n <= 0:
         return 0
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    (out / MASKS_DIR).mkdir(parents=True, exist_ok=True)
+    (out / layout.IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (out / layout.MASKS_DIR).mkdir(parents=True, exist_ok=True)
     per_case = slices_per_case if spec.volumetric else 1
     for i in range(n):
         case, j = divmod(i, per_case)
@@ -604,13 +594,13 @@ def _write_set(out: Path, spec: PhantomTask, sequence: str | None, n: int, seed:
             t = (j + 0.5) / per_case
             # slice ids start at a per-case offset and skip like a real 2-3 mm stack would
             start = int(_rng(seed, f"start/{spec.dataset}/{case}").integers(5, 60))
-            name = slice_name(f"{case:03d}", start + 2 * j)
+            name = layout.slice_name(f"{case:03d}", start + 2 * j)
         else:
             t, name = 0.5, f"img_{case:04d}.npy"
         img, mask = make_phantom_slice(spec, seed=seed, case=case, t=t, sequence=sequence, size=size,
                                        index=j)
-        np.save(out / IMAGES_DIR / name, img)
-        np.save(out / MASKS_DIR / name, mask)
+        np.save(out / layout.IMAGES_DIR / name, img)
+        np.save(out / layout.MASKS_DIR / name, mask)
     return n
 
 
@@ -650,17 +640,20 @@ def make_phantom_db(root: str | Path, n_train_per_task: int = 8, n_eval_per_task
         for seq in spec.sequences:
             if spec.role == "id":
                 n_train_cases = -(-n_train_per_task // step)
-                total += _write_set(id_folder(root / TRAIN, spec.dataset, spec.folder, seq), spec, seq,
+                train_folder = layout.id_folder(root / layout.TRAIN, spec.dataset, spec.folder, seq)
+                total += _write_set(train_folder, spec, seq,
                                     n_train_per_task, seed, per_case, size, first_case=0)
-                total += _write_set(id_folder(root / EVAL / ID, spec.dataset, spec.folder, seq), spec, seq,
+                eval_folder = layout.id_folder(root / layout.EVAL / layout.ID, spec.dataset, spec.folder, seq)
+                total += _write_set(eval_folder, spec, seq,
                                     n_eval_per_task, seed, per_case, size, first_case=n_train_cases + 100)
                 continue
             level, group = _ROLE_DIR[spec.role]
-            shift_root = root / EVAL / level / group
-            subsets = SUBSETS[1:] if level == EXTERNAL_SPLITS[1] else SUBSETS  # RealWorld: inference only
+            shift_root = root / layout.EVAL / level / group
+            subsets = layout.SUBSETS[1:] if level == _REAL_WORLD else layout.SUBSETS  # RealWorld: inference only
             n_cases = -(-n_ood_per_site // step)
             for k, subset in enumerate(subsets):
-                total += _write_set(external_folder(shift_root, spec.folder, spec.dataset, seq, subset), spec, seq,
+                folder = layout.external_folder(shift_root, spec.folder, spec.dataset, seq, subset)
+                total += _write_set(folder, spec, seq,
                                     n_ood_per_site, seed, per_case, size, first_case=k * (n_cases + 100))
     manifest = {"generator": "medsegx.phantom", "seed": seed, "n_train_per_task": n_train_per_task,
                 "n_eval_per_task": n_eval_per_task, "n_ood_per_site": n_ood_per_site,

@@ -230,13 +230,6 @@ def add_log_file(folder: Path) -> None:
     _LOG_FILES[path] = handler
 
 
-def remove_log_file(folder: Path) -> None:
-    handler = _LOG_FILES.pop((Path(folder) / "log.txt").resolve(), None)
-    if handler is not None:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-
-
 def git_revision() -> str:
     try:
         root = Path(__file__).resolve().parents[1]

@@ -72,3 +72,17 @@ def test_help_is_instant_and_loads_no_torch(how):
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     heavy = {m for m in imported if m.split(".")[0] in ("torch", "SimpleITK")}
     assert not heavy, sorted(heavy)[:5]
+
+
+def test_every_flag_explains_itself():
+    """Every flag of every command has a help line, and no help line shows its default twice."""
+    from medsegx.cli import COMMANDS
+
+    for name, command in COMMANDS.items():
+        parser = command.parser()
+        missing = [a.option_strings or [a.dest] for a in parser._actions if not a.help and a.dest != "help"]
+        assert not missing, (name, missing)
+        text = parser.format_help()
+        assert "(default: None)" not in text, name
+        for line in text.replace("\n", " ").split("(default: ")[1:]:
+            assert "(default" not in line.split(")")[0], (name, line[:80])
