@@ -335,7 +335,8 @@ Output (-o, a folder): <case>.nii.gz for volumes (the input's size, spacing, ori
 uint8 label values) or <case>.png for 2-D inputs; <case>.json (per slice: box, output chosen,
 predicted IoU, seconds); <case>_overlay.png with --overlay. Existing outputs are kept unless
 --overwrite. Preprocessing is prepare_data.py's (medsegx.data.volume) and the masks go back
-through its exact inverse. The output among the model's three is chosen without a label (--select).
+through its exact inverse. Where the model has several outputs (SAM backbones: three), one is
+chosen without a label (--select); the lite model has one.
 """
 
 

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# the choice among the model's three outputs: never the label (no "oracle" here)
+# the choice among the model's outputs (SAM: three; lite: one): never the label (no "oracle" here)
 # 2-D formats without a physical pixel size: distances are reported in pixels
 PIXEL_ONLY_EXTENSIONS = (*IMAGE2D_EXTENSIONS, NPY_EXTENSION)
 

@@ -1,4 +1,4 @@
-"""Slices through the model: batched forwards, a label-free choice among the three outputs, and
+"""Slices through the model: batched forwards, a label-free choice among the outputs, and
 propagation of a 3-D box from the middle slice outwards.
 
 One forward per (slice, object), exactly as the evaluation runs the model (``model(image, box,
@@ -70,7 +70,7 @@ class SliceOutput:
     k: int
     box: np.ndarray        # (4,) x0, y0, x1, y1 on the 256 grid, as given to the model
     mask: np.ndarray       # (256, 256) bool, the chosen output after sigmoid > 0.5
-    chosen: int            # which of the three outputs
+    chosen: int            # which of the outputs
     iou_pred: list[float]  # the model's IoU prediction for each output
     seconds: float         # this slice's share of its batch's forward time
 
