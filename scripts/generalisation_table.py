@@ -39,6 +39,28 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def summary(zero: Path, recipes: list[Path]) -> list[str]:
+    """One row per model, one column per set: mean DSC (oracle) +- spread over seeds, change vs zero-shot."""
+    sets = [(title, rel) for title, rel in SETS if (zero / rel).is_file()]
+    if not sets:
+        return []
+    base = {rel: read_details(zero / rel)["ALL"] for _, rel in sets}
+    lines = ["## Summary (mean DSC over each set's slices; change against zero-shot LiteMedSAM)", "",
+             "| model | seeds | " + " | ".join(f"{title}, N={base[rel][2]}" for title, rel in sets) + " |",
+             "|---|---|" + "---|" * len(sets),
+             "| zero-shot LiteMedSAM | - | " + " | ".join(f"{base[rel][0]:.4f}" for _, rel in sets) + " |"]
+    for recipe in recipes:
+        cells, seeds = [], 0
+        for _, rel in sets:
+            runs = [read_details(p / "scores" / rel)["ALL"][0] for p in sorted(recipe.glob("seed*"))
+                    if (p / "scores" / rel).is_file()]
+            seeds = max(seeds, len(runs))
+            cells.append(f"{fmt(runs)} ({statistics.mean(runs) - base[rel][0]:+.4f})" if runs else "-")
+        if seeds:
+            lines.append(f"| {recipe.name} | {seeds} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def main(out: Path) -> str:
     zero = out / "zero-shot"
     recipes = sorted(p for p in out.iterdir() if p.is_dir() and p.name not in ("zero-shot", "heldout"))
@@ -46,6 +68,7 @@ def main(out: Path) -> str:
              "Mean DSC over the set's slices; recipes: mean ± standard deviation over seeds. oracle = best of the "
              "model's outputs by the label (the paper's protocol); label-free = the IoU head's choice (identical "
              "for a single-output model).", ""]
+    lines += summary(zero, recipes)
     for title, rel in SETS:
         if not (zero / rel).is_file():
             continue
