@@ -1,0 +1,51 @@
+"""scripts/generalisation_table.py: means and spreads over seeds, changes against zero-shot, from the
+details reports the evaluation writes (their "Per task" table)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _table_module():
+    spec = importlib.util.spec_from_file_location("generalisation_table", REPO / "scripts" / "generalisation_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _details(path: Path, rows: dict[str, tuple[float, float, int]]) -> None:
+    lines = ["# details", "", "x", "", "## Per task", "",
+             "| task | N | DSC (scored: oracle) | DSC (oracle) | DSC (iou) | DSC (first) | oracle - iou |",
+             "|---|---:|---|---|---|---|---:|"]
+    for task, (oracle, iou, n) in rows.items():
+        lines.append(f"| {task} | {n} | {oracle:.4f} ± 0.1 | {oracle:.4f} ± 0.1 | {iou:.4f} ± 0.2 | 0.5 ± 0.1 | "
+                     f"{oracle - iou:+.4f} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines + ["", "## Per group", ""]), encoding="utf-8")
+
+
+def test_summary_and_per_task_rows(tmp_path):
+    table = _table_module()
+    rel = "ID/internal/ID_details.md"
+    _details(tmp_path / "zero-shot" / rel, {"CT_Liver": (0.8, 0.8, 4), "ALL": (0.7, 0.6, 10)})
+    for seed, (liver, overall) in enumerate([(0.9, 0.75), (0.7, 0.85)]):
+        _details(tmp_path / "lrsplit" / f"seed{seed}" / "scores" / rel,
+                 {"CT_Liver": (liver, liver, 4), "ALL": (overall, overall - 0.1, 10)})
+    (tmp_path / "lrsplit" / "seed2").mkdir()  # an unfinished run: no scores, not counted
+    text = table.main(tmp_path)
+    # mean 0.80, sample standard deviation of (0.75, 0.85) = 0.0707; change 0.80 - 0.70
+    assert "| lrsplit | 2 | 0.8000 ± 0.0707 (+0.1000) |" in text
+    assert "| lrsplit | 2 | 10 | 0.8000 ± 0.0707 | 0.7000 ± 0.0707 | +0.1000 | +0.1000 |" in text
+    assert "| CT_Liver | lrsplit | 0.8000 | 0.8000 ± 0.1414 | +0.0000 |" in text
+    assert "| zero-shot LiteMedSAM | - | 10 | 0.7000 | 0.6000 | | |" in text
+
+
+def test_reader_refuses_a_report_without_its_table(tmp_path):
+    path = tmp_path / "ID_details.md"
+    path.write_text("# details\n\nno table here\n", encoding="utf-8")
+    with pytest.raises(ValueError):
+        _table_module().read_details(path)
