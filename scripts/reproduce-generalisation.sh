@@ -6,7 +6,7 @@
 # Held-out: CT organs of ../shared/data/volumes (8 abdominal organs, none in train/; every 4th slice), HC18
 # fetal head (cross-task) and HAM10000 skin lesions (cross-site): their inference/ slices are the test;
 # HC18's finetune/ slices are the held-out validation set of the early-stopping recipe (never a test set).
-# Environment: RECIPES (default "paper frozen lrsplit"), SEEDS (default "0 1 2"), EPOCHS (default 12),
+# Environment: RECIPES (default "lrsplit paper lowlr frozen"; also "earlystop", "multimask"), SEEDS (default "0 1 2"), EPOCHS (default 12),
 # THREADS, OUT (default playground/generalisation). Writes $OUT/table.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +48,7 @@ score() {  # score <weights or ""> <output folder>: ID, the CT organs, HC18 and 
 [ -f "$OUT/zero-shot/ID/internal/ID.csv" ] || score "" "$OUT/zero-shot"
 
 # 3. the recipes, each over the seeds
-for recipe in ${RECIPES:-paper frozen lrsplit}; do
+for recipe in ${RECIPES:-lrsplit paper lowlr frozen}; do
     case $recipe in
         paper) FLAGS=(--lr 1e-3 --val_path none);;                                  # adapters + decoder, last epoch
         frozen) FLAGS=(--lr 1e-3 --freeze_decoder --val_path none);;                # adapters and context only
