@@ -54,7 +54,8 @@ for recipe in ${RECIPES:-lrsplit paper lowlr frozen}; do
         frozen) FLAGS=(--lr 1e-3 --freeze_decoder --val_path none);;                # adapters and context only
         lrsplit) FLAGS=(--lr 1e-3 --decoder_lr 1e-4 --val_path none);;              # the decoder 10x slower
         lowlr) FLAGS=(--lr 1e-4 --val_path none);;                                  # adapters + decoder, 10x slower
-        earlystop) FLAGS=(--lr 1e-3 --val_path "$DB/eval/OOD/cross_task/US_FetalHead/HC18/finetune");;  # held-out val
+        earlystop) FLAGS=(--lr 1e-3 --decoder_lr 1e-4  # lrsplit, the epoch chosen on a held-out task's slices
+                          --val_path "$DB/eval/OOD/cross_task/US_FetalHead/HC18/finetune");;
         multimask) FLAGS=(--lr 1e-3 --val_path none --mask_outputs multimask);;     # before: tokens 1..3
         *) echo "unknown recipe $recipe" >&2; exit 2;;
     esac
