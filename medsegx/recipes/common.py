@@ -61,7 +61,7 @@ def model_from_args(args: argparse.Namespace, device: torch.device,
     if getattr(args, "prefix_cache", False) and hasattr(model, "enable_prefix_cache"):
         model.enable_prefix_cache()
         logger.info("prefix cache on: the frozen layers before the first adapter run once per slice, "
-                    "%.1f MB per slice kept in memory", model.image_encoder.prefix_cache_bytes_per_item() / 2**20)
+                    "%.1f MB per slice kept in memory", model.prefix_cache_bytes_per_item() / 2**20)
     if args.compile:
         model = torch.compile(model)
     return model
