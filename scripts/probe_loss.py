@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medsegx.data.catalog import open_catalog  # noqa: E402
 from medsegx.data.dataset import MedSegDataset  # noqa: E402
 from medsegx.losses import per_output_loss  # noqa: E402
+from medsegx.metrics import binarize, dice_per_mask  # noqa: E402
 from medsegx.model import build_model  # noqa: E402
 
 
@@ -29,8 +30,7 @@ def main(data: str, weights: list[str]) -> None:
             for batch in loader:
                 out = model(batch["image"], batch["box"], batch["modal"], batch["organ"])
                 loss = per_output_loss(out.masks, batch["label"])[:, 0]
-                pred, gt = out.masks[:, 0] > 0, batch["label"][:, 0].bool()
-                dsc = 2 * (pred & gt).flatten(1).sum(1) / (pred.flatten(1).sum(1) + gt.flatten(1).sum(1)).clamp(min=1)
+                dsc = dice_per_mask(binarize(out.masks[:, :1]), binarize(batch["label"][:, 0]))["dsc"][:, 0]
                 for name, item_loss, item_dsc in zip(batch["name"], loss.tolist(), dsc.tolist()):
                     per_dataset[str(name).split("/")[0]].append((item_loss, item_dsc))
         print(weight or "zero-shot LiteMedSAM")
