@@ -39,55 +39,61 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def summary(zero: Path, recipes: list[Path]) -> list[str]:
+Details = dict[str, tuple[float, float, int]]
+
+
+def load(out: Path) -> list[tuple[str, Details, dict[str, list[Details]]]]:
+    """Each set with a zero-shot report: (title, zero-shot details, recipe -> the details of its scored seeds)."""
+    zero = out / "zero-shot"
+    recipes = sorted(p for p in out.iterdir() if p.is_dir() and p.name not in ("zero-shot", "heldout"))
+    loaded = []
+    for title, rel in SETS:
+        if not (zero / rel).is_file():
+            continue
+        runs = {recipe.name: [read_details(p / "scores" / rel) for p in sorted(recipe.glob("seed*"))
+                              if (p / "scores" / rel).is_file()] for recipe in recipes}
+        loaded.append((title, read_details(zero / rel), {name: r for name, r in runs.items() if r}))
+    return loaded
+
+
+def summary(sets: list[tuple[str, Details, dict[str, list[Details]]]]) -> list[str]:
     """One row per model, one column per set: mean DSC (oracle) +- spread over seeds, change vs zero-shot."""
-    sets = [(title, rel) for title, rel in SETS if (zero / rel).is_file()]
     if not sets:
         return []
-    base = {rel: read_details(zero / rel)["ALL"] for _, rel in sets}
     lines = ["## Summary (mean DSC over each set's slices; change against zero-shot LiteMedSAM)", "",
-             "| model | seeds | " + " | ".join(f"{title}, N={base[rel][2]}" for title, rel in sets) + " |",
+             "| model | seeds | " + " | ".join(f"{title}, N={base['ALL'][2]}" for title, base, _ in sets) + " |",
              "|---|---|" + "---|" * len(sets),
-             "| zero-shot LiteMedSAM | - | " + " | ".join(f"{base[rel][0]:.4f}" for _, rel in sets) + " |"]
-    for recipe in recipes:
-        cells, seeds = [], 0
-        for _, rel in sets:
-            runs = [read_details(p / "scores" / rel)["ALL"][0] for p in sorted(recipe.glob("seed*"))
-                    if (p / "scores" / rel).is_file()]
-            seeds = max(seeds, len(runs))
-            cells.append(f"{fmt(runs)} ({statistics.mean(runs) - base[rel][0]:+.4f})" if runs else "-")
-        if seeds:
-            lines.append(f"| {recipe.name} | {seeds} | " + " | ".join(cells) + " |")
+             "| zero-shot LiteMedSAM | - | " + " | ".join(f"{base['ALL'][0]:.4f}" for _, base, _ in sets) + " |"]
+    for name in sorted({name for _, _, runs in sets for name in runs}):
+        cells = []
+        for _, base, runs in sets:
+            values = [r["ALL"][0] for r in runs.get(name, [])]
+            cells.append(f"{fmt(values)} ({statistics.mean(values) - base['ALL'][0]:+.4f})" if values else "-")
+        seeds = max(len(runs.get(name, [])) for _, _, runs in sets)
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
 def main(out: Path) -> str:
-    zero = out / "zero-shot"
-    recipes = sorted(p for p in out.iterdir() if p.is_dir() and p.name not in ("zero-shot", "heldout"))
+    sets = load(out)
     lines = [f"# Generalisation study ({out})", "",
              "Mean DSC over the set's slices; recipes: mean ± standard deviation over seeds. oracle = best of the "
              "model's outputs by the label (the paper's protocol); label-free = the IoU head's choice (identical "
              "for a single-output model).", ""]
-    lines += summary(zero, recipes)
-    for title, rel in SETS:
-        if not (zero / rel).is_file():
-            continue
-        base = read_details(zero / rel)
+    lines += summary(sets)
+    for title, base, recipe_runs in sets:
         lines += [f"## {title}", "", "| model | seeds | N | oracle | label-free | change (oracle) | change (label-free) |",
                   "|---|---|---|---|---|---|---|",
                   f"| zero-shot LiteMedSAM | - | {base['ALL'][2]} | {base['ALL'][0]:.4f} | {base['ALL'][1]:.4f} | | |"]
         per_task_rows = []
-        for recipe in recipes:
-            runs = [read_details(p / "scores" / rel) for p in sorted(recipe.glob("seed*")) if (p / "scores" / rel).is_file()]
-            if not runs:
-                continue
+        for name, runs in recipe_runs.items():
             oracle = [r["ALL"][0] for r in runs]
             free = [r["ALL"][1] for r in runs]
-            lines.append(f"| {recipe.name} | {len(runs)} | {runs[0]['ALL'][2]} | {fmt(oracle)} | {fmt(free)} | "
+            lines.append(f"| {name} | {len(runs)} | {runs[0]['ALL'][2]} | {fmt(oracle)} | {fmt(free)} | "
                          f"{statistics.mean(oracle) - base['ALL'][0]:+.4f} | {statistics.mean(free) - base['ALL'][1]:+.4f} |")
             for task in sorted(t for t in base if t != "ALL"):
                 values = [r[task][0] for r in runs if task in r]
-                per_task_rows.append(f"| {task} | {recipe.name} | {base[task][0]:.4f} | {fmt(values)} | "
+                per_task_rows.append(f"| {task} | {name} | {base[task][0]:.4f} | {fmt(values)} | "
                                      f"{statistics.mean(values) - base[task][0]:+.4f} |")
         lines += ["", "| task | recipe | zero-shot | recipe (oracle) | change |", "|---|---|---|---|---|", *per_task_rows, ""]
     return "\n".join(lines) + "\n"
