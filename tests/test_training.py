@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medsegx.losses import medsegx_loss, per_output_loss
-from medsegx.recipes.common import batch_plan
+from medsegx.recipes.common import batch_plan, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model_type", "vit_tiny", "--device_ids", "--num_workers", "0", "--threads", "1"]
@@ -48,6 +48,48 @@ def test_loss_is_min_over_outputs():
     loss, per_sample = medsegx_loss(logits, torch.zeros(2, 3), target)
     torch.testing.assert_close(per_sample, per[:, 1])
     torch.testing.assert_close(loss, per[:, 1].mean())
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapter = torch.nn.Linear(3, 3)
+        self.mask_decoder = torch.nn.Linear(3, 2)
+
+
+def _optim_args(**kw):
+    import argparse
+    base = dict(lr=1e-3, decoder_lr=None, weight_decay=0.01, l2sp=0.0, freeze_decoder=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_l2sp_pulls_the_decoder_toward_its_start(tmp_path):
+    torch.manual_seed(0)
+    model = _Toy()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = make_optimizer(model, _optim_args(l2sp=20.0, decoder_lr=1e-2))
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["adapters", "decoder"] and opt.param_groups[1]["weight_decay"] == 0.0
+    with torch.no_grad():
+        model.mask_decoder.weight.add_(1.0)  # a drift of 1 everywhere
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's update is 0: only the decays act
+    opt.step()
+    # decoupled L2-SP: p <- p - lr * l2sp * (p - p0) = p0 + (1 - 1e-2 * 20)
+    torch.testing.assert_close(model.mask_decoder.weight, start["mask_decoder.weight"] + 0.8)
+    torch.testing.assert_close(model.mask_decoder.bias, start["mask_decoder.bias"])
+    # the adapters keep AdamW's decay toward zero
+    torch.testing.assert_close(model.adapter.weight, start["adapter.weight"] * (1 - 1e-3 * 0.01))
+
+    # the anchor is in the state dict (tensors only: loads with weights_only) and survives a resume
+    torch.save(opt.state_dict(), tmp_path / "opt.pth")
+    fresh = make_optimizer(model, _optim_args(l2sp=20.0, decoder_lr=1e-2))  # its anchor: today's weights
+    fresh.load_state_dict(torch.load(tmp_path / "opt.pth", weights_only=True))
+    torch.testing.assert_close(fresh.param_groups[1]["anchor"][0], start["mask_decoder.weight"])
+
+    # off by default: the decoder decays toward zero like the rest
+    plain = make_optimizer(_Toy(), _optim_args())
+    assert "anchor" not in plain.param_groups[1] and plain.param_groups[1]["weight_decay"] == 0.01
 
 
 def test_pretrain_one_epoch_on_real_slices(real_db, tmp_path):
@@ -99,8 +141,9 @@ def test_ddp_two_processes_equal_one_process(real_db, tmp_path):
 
 
 def test_resume_gives_the_uninterrupted_weights(real_db, tmp_path):
+    # with L2-SP on, so the decoder's anchor (its weights at the start of the first run) must survive too
     common = [*TINY, "--data_path", str(real_db / "train"), "--val_path", str(real_db / "eval" / "ID"),
-              "--batch_size", "16", "--max_train_slices", "32", "--work_dir", str(tmp_path)]
+              "--batch_size", "16", "--max_train_slices", "32", "--l2sp", "50", "--work_dir", str(tmp_path)]
     _run([sys.executable, "pretrain.py", *common, "--num_epochs", "2", "--task_name", "full"])
     _run([sys.executable, "pretrain.py", *common, "--num_epochs", "1", "--task_name", "part"])
     _run([sys.executable, "pretrain.py", *common, "--num_epochs", "2", "--task_name", "part",

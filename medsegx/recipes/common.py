@@ -110,6 +110,11 @@ def train_run(
                 raise UserError(f"{resume} was written with {len(groups)} optimiser parameter group(s), this run has "
                                 f"{len(optimizer.param_groups)} (--freeze_decoder / --decoder_lr differ): resume with "
                                 "the run's own flags")
+            saved_l2sp = [g.get("l2sp", 0.0) for g in groups]
+            wanted_l2sp = [g.get("l2sp", 0.0) for g in optimizer.param_groups]
+            if saved_l2sp != wanted_l2sp:
+                raise UserError(f"{resume} was written with L2-SP strengths {saved_l2sp} per parameter group, this "
+                                f"run asks for {wanted_l2sp} (--l2sp differs): resume with the run's own flags")
             restore_training_state(state, model, optimizer, scaler, name=str(resume))
             for group, wanted in zip(optimizer.param_groups, group_lrs(args), strict=True):
                 if wanted is not None and wanted != group["lr"]:
@@ -162,5 +167,25 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
     groups = [{"name": "adapters", "params": [p for n, p in named if not n.startswith("mask_decoder.")], "lr": lr}]
     decoder = [p for n, p in named if n.startswith("mask_decoder.")]
     if decoder:
-        groups.append({"name": "decoder", "params": decoder, "lr": getattr(args, "decoder_lr", None) or lr})
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
+        group = {"name": "decoder", "params": decoder, "lr": getattr(args, "decoder_lr", None) or lr}
+        strength = getattr(args, "l2sp", 0.0) or 0.0
+        if strength > 0:
+            # L2-SP: the decoder decays toward its starting weights instead of toward zero; the anchor
+            # travels in the optimiser's state dict, so a resumed run keeps the original start
+            group.update(weight_decay=0.0, l2sp=strength, anchor=[p.detach().clone() for p in decoder])
+        groups.append(group)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
+    optimizer.register_step_post_hook(_pull_toward_anchor)
+    return optimizer
+
+
+@torch.no_grad()
+def _pull_toward_anchor(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """After each step, parameters of an L2-SP group move toward their anchor by lr * l2sp of the gap
+    (decoupled like AdamW's weight decay: p <- p - lr * l2sp * (p - p0))."""
+    for group in optimizer.param_groups:
+        strength = group.get("l2sp", 0.0)
+        if strength:
+            weight = group["lr"] * strength
+            for param, anchor in zip(group["params"], group["anchor"], strict=True):
+                param.lerp_(anchor.to(param.device), weight)
