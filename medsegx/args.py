@@ -183,6 +183,9 @@ def train_parser(description: str, finetune: bool, prog: str | None = None) -> P
                    help="train the adapters and context embeddings only (the mask decoder keeps its weights)")
     p.add_argument("--decoder_lr", type=positive_float, default=None,
                    help="learning rate of the mask decoder (default: --lr)")
+    p.add_argument("--box_jitter", type=non_negative_int, default=20,
+                   help="training boxes grow by a random 0..N px per side on the 256 grid (default 20, the paper's; "
+                        "evaluation always uses the tight box)")
     p.add_argument("--l2sp", type=non_negative_float, default=0.0,
                    help="L2-SP: decay the mask decoder toward its starting weights with this strength (per unit "
                         "of lr, decoupled like AdamW; replaces --weight_decay for the decoder; 0 = off)")

@@ -6,7 +6,7 @@
 # Held-out: CT organs of ../shared/data/volumes (8 abdominal organs, none in train/; every 4th slice), HC18
 # fetal head (cross-task) and HAM10000 skin lesions (cross-site): their inference/ slices are the test;
 # HC18's finetune/ slices are the held-out validation set of the early-stopping recipe (never a test set).
-# Environment: RECIPES (default "lrsplit paper lowlr frozen"; also "earlystop", "multimask", "l2sp", "l2sp-strong"), SEEDS (default "0 1 2"), EPOCHS (default 12),
+# Environment: RECIPES (default "lrsplit paper lowlr frozen"; also "earlystop", "multimask", "l2sp", "l2sp-strong", "jitter5"), SEEDS (default "0 1 2"), EPOCHS (default 12),
 # THREADS, OUT (default playground/generalisation). Writes $OUT/table.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +59,7 @@ for recipe in ${RECIPES:-lrsplit paper lowlr frozen}; do
         multimask) FLAGS=(--lr 1e-3 --val_path none --mask_outputs multimask);;     # before: tokens 1..3
         l2sp) FLAGS=(--lr 1e-3 --l2sp 100 --val_path none);;                       # decoder pulled to its start
         l2sp-strong) FLAGS=(--lr 1e-3 --l2sp 300 --val_path none);;                # (drift ~1/l2sp per weight)
+        jitter5) FLAGS=(--lr 1e-3 --decoder_lr 1e-4 --box_jitter 5 --val_path none);;  # lrsplit, boxes 0..5 px looser
         *) echo "unknown recipe $recipe" >&2; exit 2;;
     esac
     for seed in ${SEEDS:-0 1 2}; do

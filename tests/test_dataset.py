@@ -157,6 +157,24 @@ def test_jitter_only_in_training_and_per_instance(real_db, tmp_path):
     assert len({tuple(b.tolist()) for b in again}) > 1  # still training after the val set was used
 
 
+def test_box_jitter_flag(real_db, tmp_path):
+    """--box_jitter defaults to the dataset's (the paper's) 20 px and bounds the training boxes."""
+    from medsegx.args import train_parser
+    from medsegx.data.dataset import BOX_JITTER
+    for finetune in (False, True):
+        argv = ["--shift_type", "cross_site"] if finetune else []
+        assert train_parser("x", finetune=finetune).parse_args(argv).box_jitter == BOX_JITTER
+    catalog = open_catalog(real_db / "train", cache_dir=tmp_path).select(dataset="CHAOS")
+    train_set = MedSegDataset(catalog, train=True, jitter=3, seed=0)
+    tight = torch.tensor(tight_box(load_mask(catalog[0].mask_path)), dtype=torch.float32)
+    boxes = []
+    for epoch in range(12):
+        train_set.set_epoch(epoch)
+        boxes.append(train_set[0]["box"])
+    grow = (torch.stack(boxes) - tight) * torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    assert grow.min() >= 0 and grow.max() == 3  # 0..3 px per side, the bound reached over 12 epochs
+
+
 def test_jitter_is_clipped_to_the_image(tmp_path):
     folder = tmp_path / "train" / "DS" / "CT_Liver"
     write_pair(folder, "a.npy", np.zeros((256, 256, 3), dtype=np.uint8), box_mask((256, 256), (0, 2, 254, 255)))

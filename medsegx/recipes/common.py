@@ -124,7 +124,7 @@ def train_run(
         if info.distributed:
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        train_set = MedSegDataset(train_data, train=True, seed=args.seed, strict=args.strict)
+        train_set = MedSegDataset(train_data, train=True, jitter=args.box_jitter, seed=args.seed, strict=args.strict)
         train_loader = make_train_loader(train_set, micro, args.num_workers, args.seed)
         val_loader = None
         if val_data is not None and len(val_data):
