@@ -514,3 +514,31 @@ def test_score_multimask():
     np.testing.assert_allclose(by_iou["hd95_mm"][:4], 0.5 * by_iou["hd95"][:4])
     with pytest.raises(ValueError, match="select"):
         score_multimask(m, g, select="iou")  # no IoU predictions
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (1.0, 0.7), (2.5, 0.8, 0.8)])
+def test_packed_rings_match_probing_the_ring_offset_by_offset(spacing):
+    """The bit-packed first rings give, for every query, the first ring offset (in table order) that
+    lands on a feature, as probing offset by offset does; queries with none stay unresolved."""
+    from medsegx.metrics import surface
+    offs, dist, reach = surface._ring(spacing)
+    stop = surface._packed_stop(dist)
+    assert stop > 1 and stop <= surface._PACKED_OFFSETS
+    rng = np.random.default_rng(0)
+    shape = (6, 20, 72) if len(spacing) == 3 else (40, 200)  # rows of 200 or 72: not whole 64-bit words
+    feat = np.zeros(shape, bool)
+    inner = tuple(slice(int(r), n - int(r)) for r, n in zip(reach, shape, strict=True))
+    feat[inner] = rng.random(feat[inner].shape) < 0.03
+    strides = np.array([int(np.prod(shape[k + 1:])) for k in range(len(shape))])
+    flat_off = offs @ strides
+    queries = np.flatnonzero(np.pad(np.ones(feat[inner].shape, bool), [(int(r), int(r)) for r in reach]))
+    got, pending = surface._packed_rings(queries, feat.reshape(-1), flat_off, dist, stop)
+    flat = feat.reshape(-1)
+    want = np.full(queries.size, np.nan)
+    for j, q in enumerate(queries):
+        hits = np.flatnonzero(flat[q + flat_off[:stop]])
+        if hits.size:
+            want[j] = dist[hits[0]]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(pending, np.flatnonzero(np.isnan(want)))
+    assert 0 < pending.size < queries.size
