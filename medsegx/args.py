@@ -9,7 +9,7 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 
-from .model.config import MASK_OUTPUTS, MODEL_TYPES
+from .model.config import LITE_BOX_JITTER, MASK_OUTPUTS, MODEL_TYPES, PAPER_BOX_JITTER, default_box_jitter
 
 SAM_DIR_DEFAULT = "./playground/SAM"
 # Selections that never look at a label (prediction has none).
@@ -166,8 +166,14 @@ def _check_training(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _resolve_box_jitter(args: argparse.Namespace) -> None:
+    """--box_jitter not given: the backbone's own (recorded in run_info.json as resolved)."""
+    if args.box_jitter is None:
+        args.box_jitter = default_box_jitter(args.model_type)
+
+
 def train_parser(description: str, finetune: bool, prog: str | None = None) -> Parser:
-    p = Parser(prog=prog, description=description, checks=[_check_training])
+    p = Parser(prog=prog, description=description, checks=[_check_training, _resolve_box_jitter])
     _model_group(p)
     p.add_argument("--data_path", default="./playground/MedSegDB" if not finetune else "./playground/MedSegDB/eval/OOD",
                    help="MedSegDB root or its train/ folder" if not finetune else
@@ -183,8 +189,9 @@ def train_parser(description: str, finetune: bool, prog: str | None = None) -> P
                    help="train the adapters and context embeddings only (the mask decoder keeps its weights)")
     p.add_argument("--decoder_lr", type=positive_float, default=None,
                    help="learning rate of the mask decoder (default: --lr)")
-    p.add_argument("--box_jitter", type=non_negative_int, default=20,
-                   help="training boxes grow by a random 0..N px per side on the 256 grid (default 20, the paper's; "
+    p.add_argument("--box_jitter", type=non_negative_int, default=None,
+                   help="training boxes grow by a random 0..N px per side on the 256 grid (default: the backbone's "
+                        f"own training, {LITE_BOX_JITTER} for lite, {PAPER_BOX_JITTER} for SAM as in the paper; "
                         "evaluation always uses the tight box)")
     p.add_argument("--l2sp", type=non_negative_float, default=0.0,
                    help="L2-SP: decay the mask decoder toward its starting weights with this strength (per unit "

@@ -158,12 +158,16 @@ def test_jitter_only_in_training_and_per_instance(real_db, tmp_path):
 
 
 def test_box_jitter_flag(real_db, tmp_path):
-    """--box_jitter defaults to the dataset's (the paper's) 20 px and bounds the training boxes."""
+    """--box_jitter defaults to the backbone's own training jitter (LiteMedSAM 5 px, the paper's SAM 20 px,
+    the dataset's default) and bounds the training boxes."""
     from medsegx.args import train_parser
     from medsegx.data.dataset import BOX_JITTER
     for finetune in (False, True):
         argv = ["--shift_type", "cross_site"] if finetune else []
-        assert train_parser("x", finetune=finetune).parse_args(argv).box_jitter == BOX_JITTER
+        parse = train_parser("x", finetune=finetune).parse_args
+        assert parse(argv).box_jitter == BOX_JITTER == 20  # default model_type: vit_b
+        assert parse([*argv, "--model_type", "lite"]).box_jitter == 5
+        assert parse([*argv, "--model_type", "lite", "--box_jitter", "12"]).box_jitter == 12
     catalog = open_catalog(real_db / "train", cache_dir=tmp_path).select(dataset="CHAOS")
     train_set = MedSegDataset(catalog, train=True, jitter=3, seed=0)
     tight = torch.tensor(tight_box(load_mask(catalog[0].mask_path)), dtype=torch.float32)

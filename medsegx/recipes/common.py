@@ -20,6 +20,7 @@ from ..data.dataset import MedSegDataset
 from ..engine import FitConfig, fit, make_eval_loader, make_train_loader, restore_training_state, unwrap
 from ..errors import UserError
 from ..model.build import build_model
+from ..model.config import default_box_jitter
 from ..model.freeze import check_all_trainable_used, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,9 @@ def train_run(
         if info.distributed:
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        train_set = MedSegDataset(train_data, train=True, jitter=args.box_jitter, seed=args.seed, strict=args.strict)
+        jitter = args.box_jitter if getattr(args, "box_jitter", None) is not None else default_box_jitter(args.model_type)
+        train_set = MedSegDataset(train_data, train=True, jitter=jitter, seed=args.seed, strict=args.strict)
+        logger.info("training boxes: the tight box grown by 0..%d px per side", jitter)
         train_loader = make_train_loader(train_set, micro, args.num_workers, args.seed)
         val_loader = None
         if val_data is not None and len(val_data):
