@@ -3,10 +3,10 @@
 # the CPU, then fine-tuning on a new task (the README's "Fine-tuning a new site").
 #   bash scripts/reproduce-real.sh [MedSegDB-real folder]   (default: ../shared/data/MedSegDB-real)
 # 1. zero-shot LiteMedSAM (adapters at zero) on eval/ID and on the OOD cross-task site (HC18 fetal head);
-# 2. pre-training ConMoAE on train/ (at most ~15 minutes on 2 cores) with the "lrsplit" recipe of
+# 2. pre-training ConMoAE on train/ (at most ~15 minutes on 2 cores) with the "jitter5" recipe of
 #    scripts/reproduce-generalisation.sh: adapters at lr 1e-3, the mask decoder 10x slower (LR, DECODER_LR),
-#    a fixed number of epochs and no validation, so eval/ID never picks the checkpoint (the last epoch's
-#    weights are scored);
+#    training boxes grown by LiteMedSAM's own 0..5 px (the lite default), a fixed number of epochs and no
+#    validation, so eval/ID never picks the checkpoint (the last epoch's weights are scored);
 # 3. the trained model on eval/ID; 4. fine-tuning on HC18 with 50% and 100% of its fine-tune cases
 #    (checkpoint picked on 20% of HC18's finetune/ cases, scored on its inference/ slices).
 set -euo pipefail
