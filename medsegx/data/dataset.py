@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..model.config import PAPER_BOX_JITTER
 from .catalog import SliceRecord
 from .errors import DataError
 from .npy import BadSlice, read_npy_mask
@@ -18,7 +17,7 @@ from .npy import BadSlice, read_npy_mask
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 256
-BOX_JITTER = PAPER_BOX_JITTER
+BOX_JITTER = 20  # the paper's; training scripts pass the backbone's own (model.config.default_box_jitter)
 
 
 def load_image(path: str | Path) -> np.ndarray:
