@@ -20,7 +20,6 @@ from ..data.dataset import MedSegDataset
 from ..engine import FitConfig, fit, make_eval_loader, make_train_loader, restore_training_state, unwrap
 from ..errors import UserError
 from ..model.build import build_model
-from ..model.config import default_box_jitter
 from ..model.freeze import check_all_trainable_used, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -125,9 +124,8 @@ def train_run(
         if info.distributed:
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        jitter = args.box_jitter if getattr(args, "box_jitter", None) is not None else default_box_jitter(args.model_type)
-        train_set = MedSegDataset(train_data, train=True, jitter=jitter, seed=args.seed, strict=args.strict)
-        logger.info("training boxes: the tight box grown by 0..%d px per side", jitter)
+        train_set = MedSegDataset(train_data, train=True, jitter=args.box_jitter, seed=args.seed, strict=args.strict)
+        logger.info("training boxes: the tight box grown by 0..%d px per side", args.box_jitter)
         train_loader = make_train_loader(train_set, micro, args.num_workers, args.seed)
         val_loader = None
         if val_data is not None and len(val_data):
@@ -178,7 +176,8 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
             group.update(weight_decay=0.0, l2sp=strength, anchor=[p.detach().clone() for p in decoder])
         groups.append(group)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
-    optimizer.register_step_post_hook(_pull_toward_anchor)
+    if any("anchor" in g for g in groups):  # a resume must match (train_run checks), so this holds after it too
+        optimizer.register_step_post_hook(_pull_toward_anchor)
     return optimizer
 
 
@@ -190,5 +189,8 @@ def _pull_toward_anchor(optimizer: torch.optim.Optimizer, *_: Any) -> None:
         strength = group.get("l2sp", 0.0)
         if strength:
             weight = group["lr"] * strength
-            for param, anchor in zip(group["params"], group["anchor"], strict=True):
-                param.lerp_(anchor.to(param.device), weight)
+            anchors = group["anchor"]
+            for i, (param, anchor) in enumerate(zip(group["params"], anchors, strict=True)):
+                if anchor.device != param.device:  # loaded from a checkpoint on the CPU: moved once
+                    anchors[i] = anchor.to(param.device)
+                param.lerp_(anchors[i], weight)
