@@ -428,3 +428,62 @@ def predict_parser(prog: str | None = None) -> Parser:
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
     run.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     return p
+
+
+SERVE_DESCRIPTION = """``medsegx serve``: a viewer in the browser and a JSON API for box prompts (docs/SERVE.md).
+
+    medsegx serve --model_type lite --root ~/scans --output_dir ~/labels
+    # then open http://127.0.0.1:8765/ (on a GPU server: ssh -L 8765:127.0.0.1:8765 server)
+    medsegx serve --model_type vit_b --checkpoint ./playground/SAM \\
+        --model_weight ./playground/MedSegX/medsegx_vit_b.pth --root /data --output_dir /labels
+
+Open a scan under --root (or upload one), draw boxes, correct them, save: <output_dir>/<case>.nii.gz
+(.png for 2-D images) in the scan's geometry, never inside --root. Needs the 'serve' extra:
+pip install 'medsegx[serve]'.
+"""
+
+
+def _check_serve(args: argparse.Namespace) -> str | None:
+    import ipaddress
+
+    if args.token or args.host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(args.host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return f"--host {args.host} is reachable from other machines: give --token (sent as the X-MedSegX-Token header)"
+
+
+def serve_parser(prog: str | None = None) -> Parser:
+    p = Parser(prog=prog, description=SERVE_DESCRIPTION, checks=[_check_serve])
+    p.add_argument("--root", default=None,
+                   help="folder whose images the page may open by path (nothing outside it); omitted: uploads only")
+    p.add_argument("--output_dir", default="./medsegx-labels",
+                   help="where 'save' writes <case>.nii.gz / <case>.png and <case>.json; never inside --root")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; other than loopback needs --token")
+    p.add_argument("--port", type=_number(int, 0, 65535, what="a port 0..65535"), default=8765,
+                   help="port to listen on (0: a free one)")
+    p.add_argument("--token", default=None, help="a secret every /api/ request must send as X-MedSegX-Token")
+    p.add_argument("--max_upload_mb", type=positive_float, default=1024.0, help="largest upload accepted (MiB)")
+    p.add_argument("--cache_mb", type=non_negative_float, default=1024.0,
+                   help="memory for cached image embeddings (LRU; lite and SAM: 4 MiB per slice and context)")
+    p.add_argument("--max_images", type=positive_int, default=8,
+                   help="images open at once (the least recently used is closed beyond it)")
+    _model_group(p)
+    p.add_argument("--model_weight", default=None,
+                   help="MedSegX checkpoint; omitted = the backbone alone with adapters at zero")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--select", default="iou", choices=LABEL_FREE_SELECTION,
+                     help="which of the 3 outputs (SAM backbones): iou = highest predicted IoU, first = output 0")
+    run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward (propagation, 3-D boxes)")
+    run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
+                     help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
+    run.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
+                     help="the GPU to use (one); none present: the CPU")
+    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    run.add_argument("--seed", type=int, default=0, help="random seed")
+    run.add_argument("--debug", action="store_true", help="show tracebacks for startup errors")
+    return p

@@ -142,8 +142,12 @@ def _stored_slice_index(record: Mapping):
 
 
 def prepare_objects(stack: SliceStack, image_size: Sequence[int], prompts: Sequence[ObjectPrompt] | None,
-                    prompt_mask: np.ndarray | None, opts: PredictOptions, case: str) -> tuple[list[PreparedObject], list[str]]:
-    """Context, intensity mapping and per-slice boxes of every object; notes for empty prompts."""
+                    prompt_mask: np.ndarray | None, opts: PredictOptions, case: str,
+                    intensity_cache: dict | None = None) -> tuple[list[PreparedObject], list[str]]:
+    """Context, intensity mapping and per-slice boxes of every object; notes for empty prompts.
+
+    ``intensity_cache``: a dict kept per image across calls (the server) so percentile bounds are computed once.
+    """
     where = f"case {case!r}"
     notes: list[str] = []
     if prompts is None:
@@ -152,7 +156,7 @@ def prepare_objects(stack: SliceStack, image_size: Sequence[int], prompts: Seque
         prompts = mask_objects(np.unique(prompt_mask).tolist(), opts.labels_map, f"{where}")
     stored_shape = tuple(reversed([int(n) for n in image_size]))
     contexts: dict[str | None, TaskContext] = {}
-    intensity_cache: dict = {}
+    intensity_cache = {} if intensity_cache is None else intensity_cache
     prepared = []
     for prompt in prompts:
         task = prompt.task or opts.task
@@ -178,13 +182,19 @@ def prepare_objects(stack: SliceStack, image_size: Sequence[int], prompts: Seque
 
 def predict_case(runner: SliceRunner, case: str, image: sitk.Image, source: str | Path,
                  prompts: Sequence[ObjectPrompt] | None, opts: PredictOptions,
-                 prompt_mask: np.ndarray | None = None, progress: bool = True) -> CasePrediction:
-    """Segment one image: ``prompts`` (boxes) or ``prompt_mask`` (stored order, integer values)."""
+                 prompt_mask: np.ndarray | None = None, progress: bool = True, *, stack: SliceStack | None = None,
+                 intensity_cache: dict | None = None) -> CasePrediction:
+    """Segment one image: ``prompts`` (boxes) or ``prompt_mask`` (stored order, integer values).
+
+    ``stack`` (``slice_stack(image, source, opts.axis, opts.orient)``) and ``intensity_cache`` may be
+    kept by a caller that segments the same image many times (``medsegx serve``).
+    """
     from .runner import compose_labels
 
     t0 = time.perf_counter()
-    stack = slice_stack(image, source, opts.axis, opts.orient)
-    objects, notes = prepare_objects(stack, image.GetSize(), prompts, prompt_mask, opts, case)
+    if stack is None:
+        stack = slice_stack(image, source, opts.axis, opts.orient)
+    objects, notes = prepare_objects(stack, image.GetSize(), prompts, prompt_mask, opts, case, intensity_cache)
     for note in notes:
         logger.warning("%s: %s", case, note)
     if opts.propagate and any(o.prompt.box is None for o in objects):
