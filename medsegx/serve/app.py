@@ -245,6 +245,7 @@ def create_app(runner, store: SessionStore, cache: EmbeddingCache, model_info: d
     image = "/api/images/{image_id}"
     routes = [
         Route("/", index),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
         Route("/api/health", health),
         Route("/api/taxonomy", taxonomy),

@@ -83,6 +83,23 @@ def _slicing_axis(image: sitk.Image) -> str:
     return _AXIS_OF_ITK_AXIS[perm.index(2)]
 
 
+def view_transform(stack) -> dict:
+    """How the page turns a stored slice (rows y, columns x) into the slice as the model sees it (LPS:
+    axial slices with anterior at the top and the patient's right on the left): transpose first, then
+    flip the displayed columns / rows. Found by pushing voxel positions through the stack's own
+    re-ordering (:meth:`~medsegx.data.volume.SliceStack.to_canonical` and ``plane``)."""
+    if stack.is_2d:
+        return {"transpose": False, "flip_x": False, "flip_y": False}
+    rows, cols = 3, 4  # a stand-in stored shape; only the axis order and directions matter
+    code = np.broadcast_to(np.arange(rows * cols).reshape(rows, cols), (2, rows, cols))
+    plane = stack.plane(0, stack.to_canonical(code))
+    transpose = plane.shape != (rows, cols)
+    row_of = (lambda c: c % cols) if transpose else (lambda c: c // cols)  # stored axis shown down the rows
+    col_of = (lambda c: c // cols) if transpose else (lambda c: c % cols)
+    return {"transpose": bool(transpose), "flip_x": bool(col_of(plane[0, -1]) < col_of(plane[0, 0])),
+            "flip_y": bool(row_of(plane[-1, 0]) < row_of(plane[0, 0]))}
+
+
 class ImageSession:
     """One open image and the label map being made for it (see the module docstring)."""
 
@@ -123,7 +140,7 @@ class ImageSession:
         return {
             "id": self.id, "case": self.case, "name": self.name, "shape": list(self.shape), "spacing": spacing,
             "kind": "image2d" if self.is_2d else "volume", "colour": self.colour, "slicing_axis": self.axis,
-            "orientation": self.stack.record.get("orientation"),
+            "orientation": self.stack.record.get("orientation"), "view": view_transform(self.stack),
             "range": self.range,
             "display": {k: round(float(v), 3) for k, v in self.display.items()},
             "objects": self.object_table(),
@@ -292,6 +309,7 @@ class ImageSession:
     def save(self, output_dir: Path) -> dict:
         """``<output_dir>/<case>.nii.gz`` (``.png`` for 2-D) and ``<case>.json`` (the objects), atomically."""
         image = self.label_image()
+        output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / (self.case + output_suffix("image2d" if self.is_2d else "volume"))
         replaced = path.exists()
         with self.lock:
