@@ -46,7 +46,14 @@ from ..inference.case import (
     write_image_atomic,
     write_json_atomic,
 )
-from ..inference.prompts import NPY_EXTENSION, ObjectPrompt, case_name, check_box_inside, check_label, parse_box
+from ..inference.prompts import (
+    NPY_EXTENSION,
+    ObjectPrompt,
+    case_name,
+    check_box_inside,
+    check_label,
+    parse_box,
+)
 
 logger = logging.getLogger(__name__)
 
