@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 from pathlib import Path
 
 from .. import runtime
@@ -65,11 +66,24 @@ def run(args: argparse.Namespace) -> None:
     app = create_app(runner, store, cache, model_info, token=args.token,
                      max_upload_bytes=int(args.max_upload_mb * 2**20))
     logger.info("images from %s, labels to %s; %s", root or "uploads only", output_dir, cache.describe())
+    sock = listen(args.host, args.port)
+    port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    logger.info("open http://%s:%d/%s", host, args.port, f"#token={args.token}" if args.token else "")
+    logger.info("open http://%s:%d/%s", host, port, f"#token={args.token}" if args.token else "")
     if args.token:
         logger.info("API clients send the header %s: <token>", TOKEN_HEADER)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         store.close_all()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: a free one); a taken port is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as err:
+        raise ServeError(f"--host {host} --port {port}: cannot listen ({err.strerror or err})") from None
