@@ -372,6 +372,16 @@ def _percentiles(text: str) -> tuple[float, float]:
     return lower, upper
 
 
+def _one_device_runtime(run: argparse._ArgumentGroup) -> None:
+    """The runtime flags of prediction and the server: one device, mixed precision, CPU threads."""
+    run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
+                     help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
+    run.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
+                     help="the GPU to use (one); none present: the CPU")
+    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+
+
 def predict_parser(prog: str | None = None) -> Parser:
     from .data.presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS, WINDOW_PRESETS
 
@@ -418,12 +428,7 @@ def predict_parser(prog: str | None = None) -> Parser:
                    help="MedSegX checkpoint; omitted = the backbone alone with adapters at zero")
     run = p.add_argument_group("runtime")
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward")
-    run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
-    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
-                     help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
-    run.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
-                     help="the GPU to use (one); none present: the CPU")
-    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    _one_device_runtime(run)
     run.add_argument("--seed", type=int, default=0, help="random seed (the adapters' dropout is off at inference)")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
     run.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -478,12 +483,7 @@ def serve_parser(prog: str | None = None) -> Parser:
     run.add_argument("--select", default="iou", choices=LABEL_FREE_SELECTION,
                      help="which of the 3 outputs (SAM backbones): iou = highest predicted IoU, first = output 0")
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward (propagation, 3-D boxes)")
-    run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
-    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
-                     help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
-    run.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
-                     help="the GPU to use (one); none present: the CPU")
-    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    _one_device_runtime(run)
     run.add_argument("--seed", type=int, default=0, help="random seed")
     run.add_argument("--debug", action="store_true", help="show tracebacks for startup errors")
     return p
