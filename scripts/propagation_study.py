@@ -35,8 +35,12 @@ def prompt_objects(label: np.ndarray, names: dict[str, str], min_voxels: int, mi
         if count < min_voxels or largest < min_piece * count:
             continue
         zs, ys, xs = np.nonzero(mask)
-        objects.append((int(value), names.get(str(value), str(value)),
-                        (int(xs.min()), int(ys.min()), int(zs.min()), int(xs.max()), int(ys.max()), int(zs.max()))))
+        box = (int(xs.min()), int(ys.min()), int(zs.min()), int(xs.max()), int(ys.max()), int(zs.max()))
+        # a viewer's prompt: the box drawn on the slice of largest section, with the object's z range
+        seed = int(np.argmax(mask.sum(axis=(1, 2))))
+        sy, sx = np.nonzero(mask[seed])
+        drawn = (int(sx.min()), int(sy.min()), box[2], int(sx.max()), int(sy.max()), box[5])
+        objects.append((int(value), names.get(str(value), str(value)), box, drawn, seed))
     return objects
 
 
@@ -53,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grow", type=int, nargs="+", default=[0, 3, 5, 8])
     p.add_argument("--min_voxels", type=int, default=300)
     p.add_argument("--min_piece", type=float, default=0.95, help="share of voxels in the largest connected piece")
+    p.add_argument("--drawn", action="store_true",
+                   help="also: the box drawn on the slice of largest section only (z: the object's range), "
+                        "propagation seeded there (as a viewer prompts)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     for path in (args.image, args.label, args.names):
@@ -75,16 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     image = read_case_image(args.image)
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(args.label)))
     objects = prompt_objects(label, names, args.min_voxels, args.min_piece)
-    prompts = [ObjectPrompt(label=1 + i % 255, task=name, box=box) for i, (_, name, box) in enumerate(objects)]
+    bounding = [ObjectPrompt(label=1 + i % 255, task=o[1], box=o[2]) for i, o in enumerate(objects)]
+    drawn = [ObjectPrompt(label=1 + i % 255, task=o[1], box=o[3], seed=o[4]) for i, o in enumerate(objects)]
     seg = Segmenter.load(args.model_type, checkpoint=args.checkpoint, weights=args.model_weight, device="cpu")
 
-    def run(propagate: bool, grow: int) -> tuple[list[float], float]:
+    def run(propagate: bool, grow: int, prompts=bounding) -> tuple[list[float], float]:
         opts = PredictOptions(modality=args.modality, propagate=propagate, propagate_grow=grow)
         t0 = time.perf_counter()
         pred = predict_case(seg.runner, "study", image, args.image, prompts, opts, progress=False)
         seconds = time.perf_counter() - t0
         scores = []
-        for (value, _, _), obj, res in zip(objects, pred.objects, pred.results):
+        for (value, *_), obj, res in zip(objects, pred.objects, pred.results):
             own = compose_labels(pred.stack, [obj], [res]) > 0
             ref = pred.stack.to_canonical(label == value)
             scores.append(float(dice(own[None], ref[None], spatial_dims=3)[0]))
@@ -93,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     columns = {"every slice": run(False, 0)}
     for grow in args.grow:
         columns[f"propagate, grow {grow}"] = run(True, grow)
+    if args.drawn:
+        columns[f"drawn on one slice, seeded, grow {args.grow[-1]}"] = run(True, args.grow[-1], drawn)
     header = ["structure", "voxels", "slices", *columns]
     print(f"# One 3-D box per structure: {args.image.name}, {args.model_type}"
           f"{' + ' + Path(args.model_weight).name if args.model_weight else ' zero-shot'}\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for j, (value, name, box) in enumerate(objects):
+    for j, (value, name, box, *_) in enumerate(objects):
         row = [name, str(int((label == value).sum())), str(box[5] - box[2] + 1)]
         row += [f"{scores[j]:.4f}" for scores, _ in columns.values()]
         print("| " + " | ".join(row) + " |")

@@ -439,7 +439,11 @@ def test_other_bad_input_is_refused_before_any_work(tmp_path, capsys, slab_path)
     sitk.WriteImage(mismatched, str(tmp_path / "small_mask.nii.gz"))
     refused(["-i", str(slab_path), "-o", str(tmp_path / "o3"), "--prompt_mask", str(tmp_path / "small_mask.nii.gz")],
             "does not match image")
-    assert not [p for name in ("o1", "o2", "o3") for p in (tmp_path / name).glob("*")]
+    refused(["-i", str(slab_path), "-o", str(tmp_path / "o4"), "--box", "0", "0", "0", "9", "9", "3",
+             "--seed_slice", "1"], "--seed_slice is where --propagate starts from --box")
+    refused(["-i", str(slab_path), "-o", str(tmp_path / "o5"), "--box", "0", "0", "0", "9", "9", "2",
+             "--propagate", "--seed_slice", "3"], "seed slice 3 is outside the box's z range 0..2")
+    assert not [p for name in ("o1", "o2", "o3", "o4", "o5") for p in (tmp_path / name).glob("*")]
 
 
 def test_a_folder_of_cases_reports_non_images_and_keeps_existing_outputs(tmp_path, capsys):
