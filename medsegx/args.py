@@ -14,6 +14,9 @@ from .model.config import LITE_BOX_JITTER, MASK_OUTPUTS, MODEL_TYPES, PAPER_BOX_
 SAM_DIR_DEFAULT = "./playground/SAM"
 # Selections that never look at a label (prediction has none).
 LABEL_FREE_SELECTION = ("iou", "first")
+# Propagation grows each box taken from a neighbour's mask by this many pixels of the 256 grid per side
+# (the tight box of a predicted mask is a little smaller than the object: an ungrown chain shrinks).
+PROPAGATE_GROW = 5
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -407,7 +410,15 @@ def predict_parser(prog: str | None = None) -> Parser:
                          help="pixels of the 256 grid added to each side of boxes derived from masks")
     prompts.add_argument("--propagate", action="store_true",
                          help="3-D box: start on its middle slice, then take each slice's box from the "
-                              "neighbour's predicted mask until the mask vanishes")
+                              "neighbour's predicted mask (grown, kept inside the 3-D box) until the mask "
+                              "vanishes or the box's slices end")
+    prompts.add_argument("--propagate_grow", type=non_negative_int, default=PROPAGATE_GROW,
+                         help="with --propagate: pixels of the 256 grid added to each side of the neighbour's "
+                              "box (0 = the tight box, which shrinks slice by slice)")
+    prompts.add_argument("--seed_slice", type=non_negative_int, default=None, metavar="Z",
+                         help="with --propagate: the slice --box's x-y extent was drawn on (its z range the "
+                              "object's first and last slice); propagation starts there. Default: the box is "
+                              "the object's 3-D bounding box and propagation starts on its middle slice")
     pre = p.add_argument_group("preprocessing (as prepare_data.py)")
     pre.add_argument("--window", default=None,
                      help=f"CT window 'level,width' or a preset {sorted(WINDOW_PRESETS)}; default per task")

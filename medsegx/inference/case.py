@@ -29,6 +29,7 @@ from ..data.sources import IMAGE2D_EXTENSIONS, read_image
 from ..data.volume import SliceStack, slice_stack, stack_intensity, stack_to_image
 from .prompts import (
     NPY_EXTENSION,
+    PROPAGATE_GROW,
     ObjectPrompt,
     PreparedObject,
     PromptError,
@@ -62,6 +63,7 @@ class PredictOptions:
     orient: str = "LPS"
     propagate: bool = False
     box_margin: int = 0
+    propagate_grow: int = PROPAGATE_GROW
     labels_map: Mapping[str, tuple[int, ...]] | None = None  # prompt-mask values -> task
 
 
@@ -173,11 +175,30 @@ def prepare_objects(stack: SliceStack, image_size: Sequence[int], prompts: Seque
         boxes = slice_boxes(stack, canonical, opts.box_margin)
         if not boxes:
             notes.append(f"{prompt.describe()}: no voxel in the prompt mask, nothing predicted for label {prompt.label}")
-        prepared.append(PreparedObject(prompt, context, bounds, boxes))
+        prepared.append(PreparedObject(prompt, context, bounds, boxes, seed_slice(stack, prompt, boxes, opts, where)))
     if prompt_mask is not None and not any(o.boxes for o in prepared):
         notes.append("the prompt mask is empty" + (" for the values of --labels_map" if opts.labels_map else "")
                      + ": wrote an empty mask")
     return prepared, notes
+
+
+def seed_slice(stack: SliceStack, prompt: ObjectPrompt, boxes: Mapping[int, np.ndarray], opts: PredictOptions,
+               where: str) -> int | None:
+    """The slice id of ``prompt.seed`` (a stored index along the slicing axis), checked: it needs a
+    volume box, propagation, and a slice inside the box's range."""
+    if prompt.seed is None:
+        return None
+    axis_name, to_stored = _stored_slice_index(stack.record)
+    if axis_name is None or prompt.box is None or len(prompt.box) != 6:
+        raise PromptError(f"{where}: {prompt.describe()}: a seed slice goes with a volume box (x0 y0 z0 x1 y1 z1)")
+    if not opts.propagate:
+        raise PromptError(f"{where}: {prompt.describe()}: a seed slice is where propagation starts; add --propagate")
+    k = to_stored(prompt.seed)  # the map between stored index and slice id is its own inverse
+    if k not in boxes:
+        lo, hi = sorted(to_stored(j) for j in (min(boxes), max(boxes)))
+        raise PromptError(f"{where}: {prompt.describe()}: seed slice {prompt.seed} is outside the box's "
+                          f"{axis_name} range {lo}..{hi}")
+    return k
 
 
 def predict_case(runner: SliceRunner, case: str, image: sitk.Image, source: str | Path,
@@ -199,7 +220,8 @@ def predict_case(runner: SliceRunner, case: str, image: sitk.Image, source: str 
         logger.warning("%s: %s", case, note)
     if opts.propagate and any(o.prompt.box is None for o in objects):
         raise PromptError(f"case {case!r}: --propagate starts from a box; it does not apply to a prompt mask")
-    results = runner.segment(stack, objects, propagate=opts.propagate, margin=opts.box_margin, desc=case,
+    results = runner.segment(stack, objects, propagate=opts.propagate, margin=opts.box_margin,
+                             grow=opts.propagate_grow, desc=case,
                              progress=progress)
     labels = compose_labels(stack, objects, results)
     out = stack_to_image(labels, stack.record)
