@@ -176,6 +176,16 @@ def test_propagation_runs_through_the_pipeline(client):
     slices = r.json()["slices"]
     assert 10 in slices and set(slices) <= set(range(5, 16)) and len(slices) > 1  # starts on the middle slice
     assert r.json()["objects"][0]["slices"] == [min(slices), max(slices)]
+    # a box drawn on the object's last slice, its first slice marked: propagation starts where it was drawn
+    r = client.post(f"{image}/segment", json={"box": [40, 30, 20, 60, 50, 24], "seed": 24, "label": 3,
+                                              "modality": "CT", "propagate": True})
+    assert r.status_code == 200 and r.json()["slices"] == list(range(20, 25))
+    labels = np.asarray(Image.open(io.BytesIO(client.get(f"{image}/labels/24.png").content)))
+    assert _box_iou(labels == 3, (40, 30, 60, 50)) > 0.9  # only the seed slice is held to the drawn box
+    # one 2-D box and propagate: from its slice through the volume, until the object ends (here: never)
+    r = client.post(f"{image}/segment", json={"box": [40, 30, 60, 50], "z": 27, "label": 4, "modality": "CT",
+                                              "propagate": True})
+    assert r.status_code == 200 and r.json()["slices"] == list(range(30))
 
 
 def test_stored_order_and_view_of_a_permuted_volume(tmp_path):
@@ -254,7 +264,10 @@ BAD_BOXES = [
     ({"box": [10, 10, 20, 20], "z": 3, "modality": "Sonar"}, "modality"),
     ({"box": [10, 10, 20, 20], "z": 3, "modality": None}, "modality"),
     ({"box": [10, 10, 20, 20], "z": 3, "task": ""}, "task"),
-    ({"box": [10, 10, 20, 20], "z": 3, "propagate": True}, "propagate"),
+    ({"box": [10, 10, 0, 20, 20, 5], "seed": 3}, "seed"),
+    ({"box": [10, 10, 0, 20, 20, 5], "seed": 9, "propagate": True}, "seed"),
+    ({"box": [10, 10, 20, 20], "z": 3, "seed": 3, "propagate": True}, "seed"),
+    ({"box": [10, 10, 0, 20, 20, 5], "propagate": True, "propagate_grow": -1}, "propagate_grow"),
     ({"box": [10, 10, 0, 20, 20, 5], "propagate": "yes"}, "propagate"),
     ({"box": [10, 10, 20, 20], "z": 3, "window": "wide"}, "window"),
     ({"box": [10, 10, 20, 20], "z": 3, "colour": "red"}, "unknown field"),

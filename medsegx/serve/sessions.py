@@ -48,6 +48,7 @@ from ..inference.case import (
 )
 from ..inference.prompts import (
     NPY_EXTENSION,
+    PROPAGATE_GROW,
     ObjectPrompt,
     case_name,
     check_box_inside,
@@ -60,7 +61,7 @@ logger = logging.getLogger(__name__)
 OPENABLE = (*VOLUME_EXTENSIONS, *IMAGE2D_EXTENSIONS, NPY_EXTENSION)
 UPLOADABLE = tuple(ext for ext in OPENABLE if ext not in (".mhd", ".nhdr"))  # single-file formats
 UNDO_DEPTH = 30
-_SEGMENT_FIELDS = {"box", "z", "label", "modality", "task", "propagate", "window"}
+_SEGMENT_FIELDS = {"box", "z", "label", "modality", "task", "propagate", "seed", "propagate_grow", "window"}
 # the numpy axis of the stored array that is z -> the canonical slicing axis that runs along it
 _AXIS_OF_ITK_AXIS = {2: "axial", 1: "coronal", 0: "sagittal"}
 
@@ -189,6 +190,10 @@ class ImageSession:
 
     def object_table(self) -> list[dict]:
         """Every label value present: voxels, volume (ml; area for 2-D), slice range, task and modality."""
+        with self.lock:
+            return self._table()
+
+    def _table(self) -> list[dict]:
         counts = np.bincount(self.labels.ravel(), minlength=256)
         voxel = float(np.prod(self.image.GetSpacing()))
         rows = []
@@ -216,11 +221,12 @@ class ImageSession:
         if "box" not in body:
             raise ApiError(400, "box: required ([x0, y0, z0, x1, y1, z1], or [x0, y0, x1, y1] with z)")
         box = list(parse_box(body["box"], "box"))
+        drawn_on = None  # the slice of a 4-number box
         if len(box) == 4 and not self.is_2d:
             if "z" not in body:
                 raise ApiError(400, "z: required with a 4-number box on a volume (the slice of the box)")
-            z = self._check_z(body["z"])
-            box = [box[0], box[1], z, box[2], box[3], z]
+            drawn_on = self._check_z(body["z"])
+            box = [box[0], box[1], drawn_on, box[2], box[3], drawn_on]
         elif "z" in body:
             if len(box) == 6:
                 raise ApiError(400, "z: give z only with a 4-number box (a 6-number box has z0 and z1)")
@@ -239,12 +245,7 @@ class ImageSession:
         if task is not None and (not isinstance(task, str) or not task.strip()):
             raise ApiError(400, f"task: a taxonomy task name such as Liver, got {task!r}")
         task = task.strip() if task else None
-        propagate = body.get("propagate", False)
-        if not isinstance(propagate, bool):
-            raise ApiError(400, f"propagate: true or false, got {propagate!r}")
-        if propagate and (len(box) != 6 or box[2] == box[5]):
-            raise ApiError(400, "propagate: needs a 3-D box over several slices (x0 y0 z0 x1 y1 z1, z0 < z1: "
-                                "mark the first and last slice)")
+        box, propagate, seed, grow = self._propagation(body, box, drawn_on)
         window = body.get("window")
         if window is not None:
             try:
@@ -252,8 +253,38 @@ class ImageSession:
             except ValueError as err:
                 raise ApiError(400, f"window: {err}") from None
         opts = PredictOptions(modality=modality, task=task, window=window, axis=self.axis, orient="LPS",
-                              propagate=propagate)
-        return ObjectPrompt(label=label, task=task, box=tuple(box)), opts
+                              propagate=propagate, propagate_grow=grow)
+        return ObjectPrompt(label=label, task=task, box=tuple(box), seed=seed), opts
+
+    def _propagation(self, body: Mapping, box: list[int], drawn_on: int | None):
+        """``propagate``, ``seed`` and ``propagate_grow`` of a request -> (box, propagate, seed, grow).
+
+        A 4-number box with ``z`` and ``propagate`` is drawn on slice z and propagates through the whole
+        volume until the object vanishes (``seed`` = z, the box's z range every slice); a 6-number box
+        is the object's first and last slice, with ``seed`` the slice its x-y extent was drawn on (else
+        its 3-D bounding box, started on the middle slice), as ``predict.py --seed_slice``.
+        """
+        propagate = body.get("propagate", False)
+        if not isinstance(propagate, bool):
+            raise ApiError(400, f"propagate: true or false, got {propagate!r}")
+        seed, grow = body.get("seed"), body.get("propagate_grow", PROPAGATE_GROW)
+        if isinstance(grow, bool) or not isinstance(grow, int) or grow < 0:
+            raise ApiError(400, f"propagate_grow: pixels of the 256 grid, an integer >= 0, got {grow!r}")
+        if not propagate:
+            if seed is not None:
+                raise ApiError(400, "seed: the slice propagation starts on; it needs propagate: true")
+            return box, False, None, grow
+        if self.is_2d:
+            raise ApiError(400, "propagate: a 2-D image has one slice")
+        if drawn_on is not None:
+            if seed is not None:
+                raise ApiError(400, "seed: give seed with a 6-number box (a 4-number box starts on its z)")
+            return [box[0], box[1], 0, box[3], box[4], self.shape[0] - 1], True, drawn_on, grow
+        if seed is not None:
+            seed = self._check_z(seed, "seed")
+            if not box[2] <= seed <= box[5]:
+                raise ApiError(400, f"seed: slice {seed} is outside the box's slices {box[2]}..{box[5]}")
+        return box, True, seed, grow
 
     def segment(self, runner, body: object) -> dict:
         """One segment request (see the module docstring): which slices were written, the object's voxels."""
@@ -277,7 +308,7 @@ class ImageSession:
                 plane[predicted[z] == label] = label
             context = prediction.objects[0].context
             self.objects[label] = {"task": context.task, "modality": context.modality}
-            table = self.object_table()
+            table = self._table()
         voxels = next((row["voxels"] for row in table if row["label"] == label), 0)
         return {
             "label": label, "slices": written, "voxels": voxels, "task": context.task, "modality": context.modality,
@@ -301,7 +332,7 @@ class ImageSession:
                 plane = self.labels[z]
                 plane[plane == label] = 0
             self.objects.pop(label, None)
-            return {"erased": label, "slices": [int(z) for z in present], "objects": self.object_table()}
+            return {"erased": label, "slices": [int(z) for z in present], "objects": self._table()}
 
     def undo(self) -> dict:
         with self.lock:
@@ -311,7 +342,7 @@ class ImageSession:
             for z, plane in slices.items():
                 self.labels[z] = plane
             self.objects = objects
-            return {"slices": sorted(slices), "objects": self.object_table()}
+            return {"slices": sorted(slices), "objects": self._table()}
 
     def save(self, output_dir: Path) -> dict:
         """``<output_dir>/<case>.nii.gz`` (``.png`` for 2-D) and ``<case>.json`` (the objects), atomically."""
@@ -319,8 +350,7 @@ class ImageSession:
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / (self.case + output_suffix("image2d" if self.is_2d else "volume"))
         replaced = path.exists()
-        with self.lock:
-            table = self.object_table()
+        table = self.object_table()
         write_image_atomic(image, path)
         write_json_atomic({"input": self.name, "output": path.name, "shape": list(self.shape), "objects": table},
                           output_dir / f"{self.case}.json")

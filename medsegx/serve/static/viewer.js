@@ -265,7 +265,10 @@ async function segment(box) {
   if (task) body.task = task;
   const threeD = first !== null && last !== null;
   if (threeD) {
-    body.box = [box.x0, box.y0, Math.min(first, last), box.x1, box.y1, Math.max(first, last)];
+    const [z0, z1] = [Math.min(first, last), Math.max(first, last)];
+    body.box = [box.x0, box.y0, z0, box.x1, box.y1, z1];
+    // propagation starts on the slice the box was drawn on (else on the middle of the marked slices)
+    if (body.propagate && box.z >= z0 && box.z <= z1) body.seed = box.z;
   } else {
     body.box = [box.x0, box.y0, box.x1, box.y1];
     if (image.shape[0] > 1) body.z = box.z;
