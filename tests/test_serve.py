@@ -484,3 +484,49 @@ def test_lite_segment_request_equals_predict(root, tmp_path):
     again = client.post(f"{image}/segment", json={"box": [box[0] + 2, box[1], box[2], box[3]], "z": z, "label": 1,
                                                   "modality": "CT", "task": "Spleen"}).json()
     assert again["cache"]["hits"] == 1 and again["cache"]["misses"] == 1
+
+
+def test_the_command_serves_and_refuses_a_taken_port(root, tmp_path):
+    """``medsegx serve`` as a user starts it: the log names the real port, the API answers, SIGTERM ends it;
+    a port already taken is a one-line error."""
+    import os
+    import re
+    import socket
+
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSEGX_MALLOC_TUNING": "0"}
+    base = [sys.executable, "-m", "medsegx", "serve", "--model_type", "vit_tiny", "--root", str(root),
+            "--output_dir", str(tmp_path / "labels")]
+    proc = subprocess.Popen([*base, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, env=env)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"open http://127\.0\.0\.1:(\d+)/", line)
+            if found:
+                break
+        assert found, "".join(lines)
+        port = int(found.group(1))
+        health = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=30).json()
+        assert health["status"] == "ok" and health["model_type"] == "vit_tiny"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    from medsegx.recipes.serve import ServeError, listen
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ServeError, match="cannot listen"):
+            listen("127.0.0.1", taken.getsockname()[1])
+
+
+def test_beyond_max_images_the_least_recently_used_closes(root, tmp_path):
+    client, _ = _client(BoxIsTheMask(), root, tmp_path / "out", max_images=2)
+    first, second = _open(client)["id"], _open(client)["id"]
+    assert client.get(f"/api/images/{first}").status_code == 200  # first is now the most recently used
+    third = _open(client)["id"]
+    assert client.get(f"/api/images/{second}").status_code == 404
+    assert client.get(f"/api/images/{first}").status_code == 200 and client.get(f"/api/images/{third}").status_code == 200

@@ -43,6 +43,15 @@ def run(args: argparse.Namespace) -> None:
 
     require_extra()
     root, output_dir = check_folders(args.root, args.output_dir)
+    sock = listen(args.host, args.port)  # a taken port fails before the model is built
+    try:
+        serve(args, sock, root, output_dir)
+    finally:
+        sock.close()
+
+
+def serve(args: argparse.Namespace, sock: socket.socket, root: Path | None, output_dir: Path) -> None:
+    """Build the model, the cache and the app, then serve on ``sock`` until interrupted."""
     import uvicorn
 
     from ..inference.runner import SliceRunner
@@ -66,17 +75,13 @@ def run(args: argparse.Namespace) -> None:
     app = create_app(runner, store, cache, model_info, token=args.token,
                      max_upload_bytes=int(args.max_upload_mb * 2**20))
     logger.info("images from %s, labels to %s; %s", root or "uploads only", output_dir, cache.describe())
-    sock = listen(args.host, args.port)
-    port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    logger.info("open http://%s:%d/%s", host, port, f"#token={args.token}" if args.token else "")
+    logger.info("open http://%s:%d/%s", host, sock.getsockname()[1], f"#token={args.token}" if args.token else "")
     if args.token:
         logger.info("API clients send the header %s: <token>", TOKEN_HEADER)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
     try:
-        server.run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False)).run(sockets=[sock])
     finally:
-        sock.close()
         store.close_all()
 
 
