@@ -60,7 +60,7 @@ class BoxIsTheMask(nn.Module):
 def _client(model: nn.Module, root: Path | None, out: Path, **kwargs) -> tuple[TestClient, EmbeddingCache]:
     cache = EmbeddingCache(kwargs.pop("cache_bytes", 64 << 20))
     runner = SliceRunner(CachedModel(model, cache), "cpu", batch_size=4)
-    store = SessionStore(root, out, max_images=kwargs.pop("max_images", 8))
+    store = SessionStore(root, out, max_images=kwargs.pop("max_images", 8), upload_dir=out.parent)
     app = create_app(runner, store, cache, {"model_type": type(model).__name__}, **kwargs)
     return TestClient(app, raise_server_exceptions=False), cache
 

@@ -37,7 +37,7 @@ def server(tmp_path: Path):
     root.mkdir()
     (root / "ct.nii.gz").write_bytes(shared_path(*CT).read_bytes())
     cache = EmbeddingCache(16 << 20)
-    store = SessionStore(root, tmp_path / "labels")
+    store = SessionStore(root, tmp_path / "labels", upload_dir=tmp_path)
     app = create_app(SliceRunner(CachedModel(BoxIsTheMask(), cache), "cpu"), store, cache,
                      {"model_type": "stand-in", "device": "cpu"})
     sock = socket.socket()

@@ -163,8 +163,9 @@ class ImageSession:
         """Stored slice ``z`` for display: windowed by ``level``/``width`` (default: the image's display window)."""
         self._check_z(z)
         plane = self.pixels[z]
-        if self.colour:
-            return png_bytes(plane[..., :3].astype(np.uint8))
+        if self.colour:  # as slice_stack takes it: the first three channels, or the first of fewer
+            shown = plane[..., :3] if plane.shape[-1] >= 3 else plane[..., 0]
+            return png_bytes(np.clip(shown, 0, 255).astype(np.uint8))
         level = self.display["level"] if level is None else level
         width = self.display["width"] if width is None else width
         if not (math.isfinite(level) and math.isfinite(width)) or width <= 0:
@@ -386,13 +387,14 @@ def resolve_under(root: Path, relative: object) -> Path:
 class SessionStore:
     """The open images: at most ``max_images`` (the least recently used is closed beyond that)."""
 
-    def __init__(self, root: Path | None, output_dir: Path, max_images: int = 8) -> None:
+    def __init__(self, root: Path | None, output_dir: Path, max_images: int = 8,
+                 upload_dir: Path | None = None) -> None:
         self.root = root.resolve() if root is not None else None
         self.output_dir = output_dir
         self.max_images = max_images
         self._sessions: OrderedDict[str, ImageSession] = OrderedDict()
         self._lock = threading.Lock()
-        self._upload_root = Path(tempfile.mkdtemp(prefix="medsegx-serve-uploads-"))
+        self._upload_root = Path(tempfile.mkdtemp(prefix="medsegx-serve-uploads-", dir=upload_dir))
 
     def open_path(self, relative: object) -> ImageSession:
         if self.root is None:
