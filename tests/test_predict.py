@@ -121,8 +121,10 @@ def test_lite_reaches_the_readme_dsc_in_the_input_geometry(tmp_path):
     assert scores[5]["dsc"] == pytest.approx(liver, abs=1e-9)
     for obj in log["objects"]:
         assert obj["slices_predicted"] == 4 and [s["z_index"] for s in obj["slices"]] == [0, 1, 2, 3]
-        # lite has one output, LiteMedSAM's mask token 0 (docs/GENERALISATION.md)
-        assert all(s["output"] == 0 and len(s["iou_pred"]) == 1 for s in obj["slices"])
+        # lite offers the four mask tokens; first_consensus (its default) keeps LiteMedSAM's token 0 unless
+        # token 0 is in doubt, and then takes token 1 (docs/GENERALISATION.md)
+        assert all(s["output"] in (0, 1) and len(s["iou_pred"]) == 4 for s in obj["slices"])
+        assert all(s["output"] == 0 for s in obj["slices"] if s["iou_pred"][0] >= 0.88)
     assert (out / "slab_overlay.png").stat().st_size > 10_000
 
 
