@@ -6,7 +6,8 @@
 #   bash scripts/reproduce-selection.sh [data folder]   (default: ../shared/data)
 # Sets: MedSegDB-real eval/ID (the trained tasks, the in-distribution reference); 23 labelled structures of the
 # shared CT volume (every one with a taxonomy task or a plain name, the liver left out: it is trained; slices
-# with >= 40 pixels on the 256 grid, every 2nd), converted by prepare_data.py; HC18 (cross-task) and HAM10000
+# with >= 40 pixels on the 256 grid, every 2nd), converted by prepare_data.py, and the volume's liver as a set of
+# its own (a task the lite recipes train on, new to zero-shot LiteMedSAM); HC18 (cross-task) and HAM10000
 # (cross-site) inference/ slices; the MedSegDB-example eval/ID, OOD and RealWorld sets (no lite recipe trains on
 # them). Environment: THREADS (default 1), OUT (default playground/selection), SELECT (the rule the
 # published-format files score; default the lite default). Writes $OUT/table.md.
@@ -37,6 +38,11 @@ if [ ! -d "$OUT/heldout/CTorgans" ]; then
         --labels_map "$ORGANS" --dataset TotalSegCT --out "$OUT/heldout/CTorgans" --min_pixels 40 --slice_step 2 \
         --log_level ERROR
 fi
+if [ ! -d "$OUT/heldout/CTliver" ]; then
+    $PY prepare_data.py --images "$OUT/heldout/src/img" --labels "$OUT/heldout/src/lab" --modality CT \
+        --labels_map 5:Liver --dataset TotalSegCT --out "$OUT/heldout/CTliver" --min_pixels 40 --slice_step 2 \
+        --log_level ERROR
+fi
 
 internal() {  # internal <data> <set folder>
     [ -f "$OUT/$2/internal/ID_outputs.csv" ] || \
@@ -50,6 +56,7 @@ REAL=$DATA/MedSegDB-real/eval
 EXAMPLE=$DATA/MedSegDB-example/eval
 internal "$REAL/ID" ID
 internal "$OUT/heldout/CTorgans" CTorgans
+internal "$OUT/heldout/CTliver" CTliver
 external "$REAL/OOD" cross_task HC18
 external "$REAL/OOD" cross_site HAM10000
 internal "$EXAMPLE/ID" example-ID

@@ -22,6 +22,7 @@ from medsegx.model.config import LABEL_FREE_MODES, LITE_SELECT  # noqa: E402
 SETS = [
     ("eval/ID (MedSegDB-real, the trained tasks)", "ID"),
     ("CT organs of the shared volume (held out)", "CTorgans"),
+    ("CT liver of the shared volume (a trained task of the recipes)", "CTliver"),
     ("HC18 fetal head (cross-task)", "HC18"),
     ("HAM10000 skin (cross-site)", "HAM10000"),
     ("MedSegDB-example eval/ID", "example-ID"),

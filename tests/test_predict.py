@@ -32,9 +32,10 @@ CT_LABEL = ("data", "volumes", "ct_abdomen_small_label.nii.gz")
 ORGANS = "5:Liver,1:Spleen,2:RightKidney,3:LeftKidney"
 # the middle four of the slices (0..18) on which all four organs are present
 SLAB = slice(7, 11)
-# 3-D DSC of LiteMedSAM on SLAB with boxes from the labels (README "Segment your own scan": measured
-# 0.8009 / 0.9790 / 0.9171 / 0.9336); the floors sit 0.03 below.
-LITE_SLAB_DSC_FLOOR = {5: 0.77, 1: 0.94, 2: 0.88, 3: 0.90}
+# 3-D DSC of LiteMedSAM on SLAB with boxes from the labels, the lite default (four tokens, first_consensus):
+# measured 0.6576 / 0.9790 / 0.9171 / 0.9336 (token 0 alone, README "Segment your own scan": 0.8009 for the
+# liver, the rest the same; docs/GENERALISATION.md); the floors sit 0.03 below.
+LITE_SLAB_DSC_FLOOR = {5: 0.62, 1: 0.94, 2: 0.88, 3: 0.90}
 
 
 @pytest.fixture(autouse=True)
