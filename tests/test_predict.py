@@ -423,3 +423,22 @@ def test_segment_numpy_2d_and_3d():
     np.testing.assert_array_equal(mask3, expected3)
     with pytest.raises(ValueError, match="has 4 numbers but the image is a volume"):
         seg.segment(volume, box=(1, 2, 30, 40), modality="CT")
+
+
+def test_default_selection_follows_the_backbone():
+    """--select / Segmenter(select=None): the backbone's label-free default (lite: first_consensus over its four
+    tokens; SAM: the IoU head); evaluation of SAM backbones keeps the paper's oracle."""
+    import evaluate_internal
+    from medsegx.model.config import model_config
+
+    model = BrightInBox()
+    model.config = model_config("lite")
+    assert Segmenter(model).runner.select == "first_consensus"
+    model.config = model_config("vit_b")
+    assert Segmenter(model).runner.select == "iou"
+    base = ["-i", "x", "-o", "y", "--modality", "CT", "--box", "1", "1", "2", "2"]
+    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite"]).select == "first_consensus"
+    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite", "--select", "first"]).select == "first"
+    evaluation = evaluate_internal.get_args_parser()
+    assert evaluation.parse_args(["--data_path", "x", "--model_type", "lite"]).select == "first_consensus"
+    assert evaluation.parse_args(["--data_path", "x"]).select == "oracle"  # vit_b: the published protocol
