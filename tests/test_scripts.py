@@ -91,6 +91,7 @@ def test_every_flag_explains_itself():
 def test_requirements_txt_pins_every_runtime_dependency_as_constraints_txt_does():
     """The paper's `pip install -r requirements.txt` installs pyproject's dependencies at CI's versions."""
     import re
+
     import tomllib
 
     def norm(name: str) -> str:

