@@ -28,6 +28,8 @@ LABEL_FREE_SELECTION = LABEL_FREE_MODES
 # Propagation grows each box taken from a neighbour's mask by this many pixels of the 256 grid per side
 # (the tight box of a predicted mask is a little smaller than the object: an ungrown chain shrinks).
 PROPAGATE_GROW = 5
+PREFIX_CACHE_DIR_HELP = ("lite: also keep the frozen stages' output per slice in DIR, keyed by the backbone weights "
+                         "and the image, for every later run (recipes, seeds, evaluations; exact)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -170,6 +172,7 @@ def eval_parser(description: str, external: bool, prog: str | None = None) -> Pa
     p.add_argument("--output_dir", default=None,
                    help="where reports go (default: beside --model_weight, as published)")
     p.add_argument("--gallery", type=non_negative_int, default=12, help="worst slices shown in the PNG gallery")
+    p.add_argument("--prefix_cache_dir", default=None, metavar="DIR", help=PREFIX_CACHE_DIR_HELP)
     _runtime_group(p, batch_size=32)
     return p
 
@@ -252,6 +255,8 @@ def train_parser(description: str, finetune: bool, prog: str | None = None) -> P
                    help="batch size of validation (default: the training micro-batch)")
     p.add_argument("--prefix_cache", action="store_true",
                    help="lite: cache the frozen stages below the first adapter across epochs (exact)")
+    p.add_argument("--prefix_cache_dir", default=None, metavar="DIR",
+                   help=PREFIX_CACHE_DIR_HELP + " (implies --prefix_cache)")
     if finetune:
         p.add_argument("--shift_type", required=True, choices=["cross_site", "cross_task"],
                        help="which OOD sites to fine-tune: a known task at new sites, or new tasks")

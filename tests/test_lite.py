@@ -215,6 +215,73 @@ def test_prefix_cache_limit_dtype_and_layout(lite, monkeypatch):
         lite.disable_prefix_cache()
 
 
+def test_prefix_cache_on_disk_is_read_by_a_later_run(lite, monkeypatch, tmp_path, caplog):
+    """The disk store (medsegx/model/prefix_store.py): a later run reads exact features and their layout,
+    a changed image or backbone misses, an unreadable entry is recomputed."""
+    encoder = lite.image_encoder
+    calls = []
+
+    def fake_prefix(x):
+        calls.append(x.shape[0])
+        return x[:, :1].reshape(x.shape[0], 8, 4).transpose(1, 2) * 1.001
+
+    monkeypatch.setattr(encoder, "run_prefix", fake_prefix)
+    x = torch.rand(2, 1, 4, 8)
+    try:
+        lite.enable_prefix_cache(max_items=0, disk_dir=tmp_path / "prefix")  # disk only, as in an evaluation
+        first = encoder._cached_prefix(x, ["a", "b"])
+        assert calls == [2] and lite.prefix_store.stats == {"read": 0, "written": 2} and not encoder._cache
+        files = sorted((tmp_path / "prefix").rglob("*.prefix.pt"))
+        assert len(files) == 2
+
+        lite.enable_prefix_cache(disk_dir=tmp_path / "prefix")               # a later run, any keys
+        again = encoder._cached_prefix(x, ["other", "names"])
+        assert calls == [2] and lite.prefix_store.stats["read"] == 2
+        assert torch.equal(again, first) and again.stride() == first.stride()
+        encoder._cached_prefix(x + 1, ["c", "d"])                            # other images: computed
+        assert calls == [2, 2]
+
+        files[0].write_bytes(b"not a tensor file")
+        lite.enable_prefix_cache(disk_dir=tmp_path / "prefix")
+        with caplog.at_level("WARNING"):
+            mended = encoder._cached_prefix(x, ["a", "b"])
+        assert "unreadable" in caplog.text and calls == [2, 2, 1] and torch.equal(mended, first)
+
+        digest = lite.prefix_store.digest
+        encoder.set_fast(not encoder.fast)                                      # another code path, another key
+        assert lite.prefix_store.digest != digest
+        encoder.set_fast(not encoder.fast)
+        assert lite.prefix_store.digest == digest
+        with torch.no_grad():
+            weight = encoder.patch_embed.seq[0].c.weight
+            weight.add_(1.0)
+            try:
+                assert encoder._prefix_digest() != digest                    # other backbone weights
+            finally:
+                weight.sub_(1.0)
+        with pytest.raises(ValueError, match="float32"):
+            lite.enable_prefix_cache(dtype=torch.bfloat16, disk_dir=tmp_path / "prefix")
+    finally:
+        lite.disable_prefix_cache()
+
+
+def test_prefix_cache_on_disk_gives_the_uncached_outputs(lite, tmp_path):
+    """Real backbone: an evaluation reading the prefix from disk gives the very masks of no cache."""
+    image, box, modal, organ, _ = _batch(1)
+    lite.eval()
+    try:
+        with torch.no_grad():
+            plain = lite(image, box, modal, organ).masks
+            lite.enable_prefix_cache(max_items=0, disk_dir=tmp_path / "prefix")
+            stored = lite(image, box, modal, organ, cache_keys=["x"]).masks
+            lite.enable_prefix_cache(max_items=0, disk_dir=tmp_path / "prefix")
+            read = lite(image, box, modal, organ, cache_keys=["y"]).masks
+        assert lite.prefix_store.stats == {"read": 1, "written": 0}
+        assert torch.equal(stored, plain) and torch.equal(read, plain)
+    finally:
+        lite.disable_prefix_cache()
+
+
 # ------------------------------------------------------------------------------------------------
 # The fast path (medsegx/model/lite_fast.py) against the stock TinyViT modules.
 
