@@ -267,17 +267,19 @@ def test_prefix_cache_on_disk_is_read_by_a_later_run(lite, monkeypatch, tmp_path
 
 def test_prefix_cache_on_disk_gives_the_uncached_outputs(lite, tmp_path):
     """Real backbone: an evaluation reading the prefix from disk gives the very masks of no cache."""
-    image, box, modal, organ, _ = _batch(1)
+    image, box, modal, organ, _ = _batch(2)
     lite.eval()
     try:
         with torch.no_grad():
             plain = lite(image, box, modal, organ).masks
             lite.enable_prefix_cache(max_items=0, disk_dir=tmp_path / "prefix")
-            stored = lite(image, box, modal, organ, cache_keys=["x"]).masks
+            stored = lite(image, box, modal, organ, cache_keys=["x", "z"]).masks
             lite.enable_prefix_cache(max_items=0, disk_dir=tmp_path / "prefix")
-            read = lite(image, box, modal, organ, cache_keys=["y"]).masks
-        assert lite.prefix_store.stats == {"read": 1, "written": 0}
+            read = lite(image, box, modal, organ, cache_keys=["y", "w"]).masks
+        assert lite.prefix_store.stats == {"read": 2, "written": 0}
         assert torch.equal(stored, plain) and torch.equal(read, plain)
+        entries = list((tmp_path / "prefix").rglob("*.prefix.pt"))  # each one slice's features, not its batch's
+        assert len(entries) == 2 and all(e.stat().st_size < 1.05 * lite.prefix_cache_bytes_per_item() for e in entries)
     finally:
         lite.disable_prefix_cache()
 

@@ -81,6 +81,6 @@ class PrefixStore:
 
     def save(self, key: str, features: torch.Tensor, order: tuple[int, ...]) -> None:
         """Write one entry atomically (:func:`medsegx.fileio.atomic_write`)."""
-        entry = {"features": features.detach().to("cpu").contiguous(), "order": torch.tensor(order, dtype=torch.int64)}
+        entry = {"features": features.detach().to("cpu").contiguous().clone(), "order": torch.tensor(order, dtype=torch.int64)}
         atomic_write(self._path(key), lambda handle: torch.save(entry, handle))
         self.stats["written"] += 1
