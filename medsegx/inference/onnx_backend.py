@@ -24,7 +24,15 @@ import torch
 from ..errors import UserError
 from ..model.config import MODEL_TYPES, ModelConfig
 from ..model.medsegx import MedSegXOutput
-from ..model.onnx_export import DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, META_FILE, normalise, require
+from ..model.onnx_export import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    normalise,
+    require,
+)
 
 logger = logging.getLogger(__name__)
 
