@@ -18,9 +18,14 @@ Printed per batch: images/s, ratio vs the baseline of the same batch, and the re
 each configuration's image embedding against the baseline's (fast == stock to float rounding; bf16
 within its precision). Also printed: per-image speed at the largest batch vs batch 1 per configuration.
 
+Also printed: each configuration's share of this machine's matrix-product rate measured in the same
+run (a 1024^3 ``torch.mm``, best of 1 s, in fp32 for the fp32 configurations and in bf16 for the bf16
+ones, with the same clock, before each batch and at the end), crediting every configuration with the
+fast path's work (``torch.utils.flop_counter``: ~72.5 GFLOP per image).
+
 bf16 is only fast on CPUs with native bf16 matrix units (AVX512-BF16 / AMX); elsewhere oneDNN
 emulates it and it is many times slower than fp32, so the bf16 configurations are left out of the
-default set on such a CPU (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``; name them to run them anyway).
+default set on such a CPU (``medsegx.runtime.native_bf16()``; name them to run them anyway).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lite.py                      # batches 1 8, 5 repeats
     python benchmarks/bench_lite.py --batches 1 --configs medsam fast fast-bf16 --repeats 3
