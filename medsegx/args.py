@@ -9,11 +9,27 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 
-from .model.config import LITE_BOX_JITTER, MASK_OUTPUTS, MODEL_TYPES, PAPER_BOX_JITTER, default_box_jitter
+from .model.config import (
+    LABEL_FREE_MODES,
+    LITE_BOX_JITTER,
+    LITE_SELECT,
+    MASK_OUTPUTS,
+    MODEL_TYPES,
+    PAPER_BOX_JITTER,
+    SAM_SELECT,
+    SELECTION_MODES,
+    default_box_jitter,
+    default_select,
+)
 
 SAM_DIR_DEFAULT = "./playground/SAM"
 # Selections that never look at a label (prediction has none).
-LABEL_FREE_SELECTION = ("iou", "first")
+LABEL_FREE_SELECTION = LABEL_FREE_MODES
+# Propagation grows each box taken from a neighbour's mask by this many pixels of the 256 grid per side
+# (the tight box of a predicted mask is a little smaller than the object: an ungrown chain shrinks).
+PROPAGATE_GROW = 5
+PREFIX_CACHE_DIR_HELP = ("lite: also keep the frozen stages' output per slice in DIR, keyed by the backbone weights "
+                         "and the image, for every later run (recipes, seeds, evaluations; exact)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -96,7 +112,8 @@ def _model_group(p: argparse.ArgumentParser) -> None:
                    help="dropout inside the experts (default 0.1)")
     g.add_argument("--mask_outputs", default=None, choices=MASK_OUTPUTS,
                    help="multimask: 3 outputs, mask tokens 1..3 (the paper's; default for SAM backbones); single: "
-                        "mask token 0 (default for lite: LiteMedSAM trained only that token)")
+                        "mask token 0 (LiteMedSAM trained only that token); all: tokens 0..3, every one a "
+                        "candidate for --select (the loss stays on the trained tokens)")
     g.add_argument("--no_fast", action="store_true",
                    help="use the stock segment-anything attention instead of the exact fast path")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start on CPU)")
@@ -132,7 +149,7 @@ def _runtime_group(p: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def eval_parser(description: str, external: bool, prog: str | None = None) -> Parser:
-    p = Parser(prog=prog, description=description)
+    p = Parser(prog=prog, description=description, checks=[lambda args: _resolve_select(args, evaluation=True)])
     _model_group(p)
     p.add_argument("--model_weight", default=None,
                    help="the MedSegX checkpoint to evaluate (e.g. medsegx_vit_b.pth); omitted = the backbone "
@@ -145,14 +162,17 @@ def eval_parser(description: str, external: bool, prog: str | None = None) -> Pa
                        help="which shift to evaluate: a known task at unseen sites, or unseen tasks")
     p.add_argument("--metric", nargs="+", default=["dsc", "hd"], choices=["dsc", "hd", "nsd"],
                    help="metrics per slice: DSC, HD95 (pixels of the 256 grid; mm where spacing is known), NSD")
-    p.add_argument("--select", default="oracle", choices=["oracle", "iou", "first"],
-                   help="which of the 3 outputs is scored: oracle = best DSC against the label (the paper's); "
-                        "iou / first do not look at the label")
+    p.add_argument("--select", default=None, choices=SELECTION_MODES,
+                   help="which output is scored: oracle = best DSC against the label (the paper's; default for SAM "
+                        f"backbones, so the published tables reproduce); the others never look at the label "
+                        f"(default for lite: {LITE_SELECT}; see docs/GENERALISATION.md); the details report "
+                        "scores every mode")
     p.add_argument("--nsd_tolerance", type=positive_float, default=2.0,
                    help="NSD tolerance (pixels, or mm with spacing)")
     p.add_argument("--output_dir", default=None,
                    help="where reports go (default: beside --model_weight, as published)")
     p.add_argument("--gallery", type=non_negative_int, default=12, help="worst slices shown in the PNG gallery")
+    p.add_argument("--prefix_cache_dir", default=None, metavar="DIR", help=PREFIX_CACHE_DIR_HELP)
     _runtime_group(p, batch_size=32)
     return p
 
@@ -170,6 +190,12 @@ def _resolve_box_jitter(args: argparse.Namespace) -> None:
     """--box_jitter not given: the backbone's own (recorded in run_info.json as resolved)."""
     if args.box_jitter is None:
         args.box_jitter = default_box_jitter(args.model_type)
+
+
+def _resolve_select(args: argparse.Namespace, evaluation: bool) -> None:
+    """--select not given: the backbone's default (recorded in run_info.json as resolved)."""
+    if args.select is None:
+        args.select = default_select(args.model_type, evaluation=evaluation)
 
 
 def train_parser(description: str, finetune: bool, prog: str | None = None) -> Parser:
@@ -229,6 +255,8 @@ def train_parser(description: str, finetune: bool, prog: str | None = None) -> P
                    help="batch size of validation (default: the training micro-batch)")
     p.add_argument("--prefix_cache", action="store_true",
                    help="lite: cache the frozen stages below the first adapter across epochs (exact)")
+    p.add_argument("--prefix_cache_dir", default=None, metavar="DIR",
+                   help=PREFIX_CACHE_DIR_HELP + " (implies --prefix_cache)")
     if finetune:
         p.add_argument("--shift_type", required=True, choices=["cross_site", "cross_task"],
                        help="which OOD sites to fine-tune: a known task at new sites, or new tasks")
@@ -386,10 +414,21 @@ def _check_backend(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _one_device_runtime(run: argparse._ArgumentGroup) -> None:
+    """The runtime flags of prediction and the server: one device, mixed precision, CPU threads."""
+    run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
+                     help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
+    run.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
+                     help="the GPU to use (one); none present: the CPU")
+    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+
+
 def predict_parser(prog: str | None = None) -> Parser:
     from .data.presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS, WINDOW_PRESETS
 
-    p = Parser(prog=prog, description=PREDICT_DESCRIPTION, checks=[_check_backend])
+    p = Parser(prog=prog, description=PREDICT_DESCRIPTION,
+               checks=[lambda args: _resolve_select(args, evaluation=False), _check_backend])
     p.add_argument("-i", "--input", required=True, help="image file, DICOM series folder, or a folder of cases")
     p.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
     p.add_argument("--modality", required=True, help="taxonomy modality or alias: CT, CTA, MRI, US, Dermoscopy, ...")
@@ -411,7 +450,15 @@ def predict_parser(prog: str | None = None) -> Parser:
                          help="pixels of the 256 grid added to each side of boxes derived from masks")
     prompts.add_argument("--propagate", action="store_true",
                          help="3-D box: start on its middle slice, then take each slice's box from the "
-                              "neighbour's predicted mask until the mask vanishes")
+                              "neighbour's predicted mask (grown, kept inside the 3-D box) until the mask "
+                              "vanishes or the box's slices end")
+    prompts.add_argument("--propagate_grow", type=non_negative_int, default=PROPAGATE_GROW,
+                         help="with --propagate: pixels of the 256 grid added to each side of the neighbour's "
+                              "box (0 = the tight box, which shrinks slice by slice)")
+    prompts.add_argument("--seed_slice", type=non_negative_int, default=None, metavar="Z",
+                         help="with --propagate: the slice --box's x-y extent was drawn on (its z range the "
+                              "object's first and last slice); propagation starts there. Default: the box is "
+                              "the object's 3-D bounding box and propagation starts on its middle slice")
     pre = p.add_argument_group("preprocessing (as prepare_data.py)")
     pre.add_argument("--window", default=None,
                      help=f"CT window 'level,width' or a preset {sorted(WINDOW_PRESETS)}; default per task")
@@ -420,8 +467,10 @@ def predict_parser(prog: str | None = None) -> Parser:
     pre.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
     pre.add_argument("--orient", default="LPS", choices=ORIENTATIONS, help="re-order volumes to LPS before slicing")
     out = p.add_argument_group("output")
-    out.add_argument("--select", default="iou", choices=LABEL_FREE_SELECTION,
-                     help="which of the 3 outputs: iou = highest predicted IoU, first = output 0 (never the label)")
+    out.add_argument("--select", default=None, choices=LABEL_FREE_SELECTION,
+                     help=f"which output, never by the label (default: {LITE_SELECT} for lite, {SAM_SELECT} for SAM "
+                          "backbones): iou = highest predicted IoU, first = output 0, stability / agreement / "
+                          "iou_stable / first_stable: see docs/GENERALISATION.md")
     out.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png")
     out.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
     out.add_argument("--reference", default=None,
@@ -436,15 +485,65 @@ def predict_parser(prog: str | None = None) -> Parser:
     p.add_argument("--onnx_dir", default=None, help="with --backend onnx: the folder 'medsegx export' wrote")
     run = p.add_argument_group("runtime")
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward")
-    run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
-    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
-                     help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
-    run.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
-                     help="the GPU to use (one); none present: the CPU")
-    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    _one_device_runtime(run)
     run.add_argument("--seed", type=int, default=0, help="random seed (the adapters' dropout is off at inference)")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
     run.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    return p
+
+
+SERVE_DESCRIPTION = """``medsegx serve``: a viewer in the browser and a JSON API for box prompts (docs/SERVE.md).
+
+    medsegx serve --model_type lite --root ~/scans --output_dir ~/labels
+    # then open http://127.0.0.1:8765/ (on a GPU server: ssh -L 8765:127.0.0.1:8765 server)
+    medsegx serve --model_type vit_b --checkpoint ./playground/SAM \\
+        --model_weight ./playground/MedSegX/medsegx_vit_b.pth --root /data --output_dir /labels
+
+Open a scan under --root (or upload one), draw boxes, correct them, save: <output_dir>/<case>.nii.gz
+(.png for 2-D images) in the scan's geometry, never inside --root. Needs the 'serve' extra:
+pip install 'medsegx[serve]'.
+"""
+
+
+def _check_serve(args: argparse.Namespace) -> str | None:
+    import ipaddress
+
+    if args.token or args.host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(args.host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return f"--host {args.host} is reachable from other machines: give --token (sent as the X-MedSegX-Token header)"
+
+
+def serve_parser(prog: str | None = None) -> Parser:
+    p = Parser(prog=prog, description=SERVE_DESCRIPTION, checks=[_check_serve])
+    p.add_argument("--root", default=None,
+                   help="folder whose images the page may open by path (nothing outside it); omitted: uploads only")
+    p.add_argument("--output_dir", default="./medsegx-labels",
+                   help="where 'save' writes <case>.nii.gz / <case>.png and <case>.json; never inside --root")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; other than loopback needs --token")
+    p.add_argument("--port", type=_number(int, 0, 65535, what="a port 0..65535"), default=8765,
+                   help="port to listen on (0: a free one)")
+    p.add_argument("--token", default=None, help="a secret every /api/ request must send as X-MedSegX-Token")
+    p.add_argument("--max_upload_mb", type=positive_float, default=1024.0, help="largest upload accepted (MiB)")
+    p.add_argument("--cache_mb", type=non_negative_float, default=1024.0,
+                   help="memory for cached image embeddings (LRU; lite and SAM: 4 MiB per slice and context)")
+    p.add_argument("--max_images", type=positive_int, default=8,
+                   help="images open at once (the least recently used is closed beyond it)")
+    _model_group(p)
+    p.add_argument("--model_weight", default=None,
+                   help="MedSegX checkpoint; omitted = the backbone alone with adapters at zero")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--select", default=None, choices=LABEL_FREE_SELECTION,
+                     help=f"which output, never by the label (default: {LITE_SELECT} for lite, {SAM_SELECT} for SAM "
+                          "backbones; as predict.py)")
+    run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward (propagation, 3-D boxes)")
+    _one_device_runtime(run)
+    run.add_argument("--seed", type=int, default=0, help="random seed")
+    run.add_argument("--debug", action="store_true", help="show tracebacks for startup errors")
     return p
 
 

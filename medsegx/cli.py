@@ -6,6 +6,7 @@
     medsegx evaluate-external ...   = python evaluate_external.py ...
     medsegx predict ...             = python predict.py ...
     medsegx prepare ...             = python prepare_data.py ...
+    medsegx serve --model_type lite --root scans/   (a web viewer and API, docs/SERVE.md)
     medsegx export --model_type lite --format onnx -o lite_onnx/
     medsegx params --model_type vit_b
     medsegx compare A.csv B.csv --labels zero-shot ConMoAE
@@ -72,6 +73,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             cli_args.predict_parser, "medsegx.recipes.predict:run", "predict.py", distributed=True),
     Command("prepare", "convert NIfTI / NRRD / MHA / DICOM / PNG data into MedSegDB slices",
             cli_args.prepare_parser, "medsegx.recipes.prepare:run", "prepare_data.py"),
+    Command("serve", "a viewer in the browser and a JSON API: draw boxes, correct, save labels",
+            cli_args.serve_parser, "medsegx.recipes.serve:run"),
     Command("export", "write a model for deployment outside PyTorch (ONNX encoder + decoder and a JSON)",
             cli_args.export_parser, "medsegx.recipes.export:run"),
     Command("params", "trainable parameters of a model type, by part", cli_args.params_parser,

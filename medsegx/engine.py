@@ -29,8 +29,9 @@ from . import runtime
 from .checkpointer import Checkpointer, DivergedError
 from .fileio import atomic_write_text
 from .losses import medsegx_loss
-from .metrics.select import SELECTION_MODES, binarize, score_multimask
+from .metrics.select import binarize, score_multimask
 from .model.checkpoint import checkpoint_state, load_medsegx_weights
+from .model.config import default_select
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ def train_one_epoch(
     loss over samples (reduced over ranks), the sample count and the global step.
     """
     model.train()
+    config = getattr(unwrap(model), "config", None)
+    loss_outputs = config.loss_outputs() if config is not None else None
     progress = EpochProgress(**progress.to_dict()) if progress is not None else EpochProgress()
     steps = 0
     batches = iter(loader)
@@ -122,7 +125,7 @@ def train_one_epoch(
             with sync:
                 with runtime.autocast(device, amp, amp_dtype):
                     out = _forward(model, batch)
-                loss, _ = medsegx_loss(out.masks, out.iou_pred, batch["label"], iou_loss_weight)
+                loss, _ = medsegx_loss(out.masks, out.iou_pred, batch["label"], iou_loss_weight, loss_outputs)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(global_step + 1, batch["name"], float(loss))
                 weighted = loss * (len(batch["name"]) / group_size)
@@ -172,7 +175,7 @@ def evaluate(
     device: torch.device,
     amp: bool = False,
     amp_dtype: str | None = "bfloat16",
-    select: str = "oracle",
+    select: str | None = None,
     metrics: Sequence[str] = ("dsc", "hd"),
     nsd_tolerance: float = 2.0,
     spacing: Callable[[int], tuple[float, float] | None] | None = None,
@@ -184,15 +187,20 @@ def evaluate(
     """Score every slice: per-slice dicts (all ranks' results, in dataset order, on every rank).
 
     For each slice (through :func:`medsegx.metrics.score_multimask`, the one
-    scorer): DSC of the 3 outputs, the DSC of every selection mode's choice
-    (``dsc_oracle``, ``dsc_iou``, ``dsc_first``), the mode ``select`` and its
-    choice (``chosen``, ``dsc``), HD95 (pixels of the 256 grid, the published
-    unit) of the chosen output, HD95 in mm where ``spacing(index)`` knows the
-    pixel spacing, and NSD if asked. Slices with an empty label get ``skipped``.
+    scorer): DSC of every output (``dsc_all``), the DSC of every selection
+    mode's choice (``dsc_oracle``, ``dsc_iou``, ``dsc_first``, ... : ``modes``
+    names them), the per-output scores the label-free rules read (``scores``:
+    IoU head, stability, agreement), the mode ``select`` and its choice
+    (``chosen``, ``dsc``), HD95 (pixels of the 256 grid, the published unit)
+    of the chosen output, HD95 in mm where ``spacing(index)`` knows the pixel
+    spacing, and NSD if asked. Slices with an empty label get ``skipped``.
     With ``keep_worst``, the lowest-DSC slices (image, label, prediction) are
     appended to ``gallery`` for the report's figure.
     """
     model.eval()
+    if select is None:  # the backbone's default: the paper's oracle for SAM, the label-free rule for lite
+        config = getattr(unwrap(model), "config", None)
+        select = default_select(config.model_type if config is not None else "vit_b", evaluation=True)
     results: list[dict[str, Any]] = []
     worst: list[tuple[float, dict[str, Any]]] = []
     bar = tqdm(loader, desc=desc, disable=not (show_progress and runtime.is_main_process()), dynamic_ncols=True,
@@ -201,12 +209,16 @@ def evaluate(
         batch = _to_device(batch, device)
         with runtime.autocast(device, amp, amp_dtype):
             out = _forward(model, batch)
-        masks = binarize(out.masks.float())  # sigmoid > 0.5, as published; B x 3 x H x W
+        logits = out.masks.float()
+        masks = binarize(logits)  # sigmoid > 0.5, as published; B x K x H x W
         gt = batch["label"][:, 0].bool().cpu().numpy()
         iou_pred = out.iou_pred.float().cpu().numpy()
         indices = [int(i) for i in batch["index"]]
-        scores = score_multimask(masks, gt, iou_pred, select=select, metrics=metrics, nsd_tolerance=nsd_tolerance,
+        # The logits, not the masks: the stability rules threshold them (the masks are binarize's, as above).
+        scores = score_multimask(logits.cpu().numpy(), gt, iou_pred, select=select, metrics=metrics,
+                                 nsd_tolerance=nsd_tolerance,
                                  spacing=[spacing(i) for i in indices] if spacing is not None else None)
+        score_names = [key[len("score_"):] for key in scores if key.startswith("score_")]
         for j, index in enumerate(indices):
             r: dict[str, Any] = {
                 "index": index,
@@ -219,7 +231,9 @@ def evaluate(
                 "intersection": int(scores["intersection"][j]),
                 "pred_size": int(scores["pred_size"][j]),
                 "gt_size": int(scores["gt_size"][j]),
-                **{f"dsc_{mode}": float(scores[f"dsc_{mode}"][j]) for mode in SELECTION_MODES},
+                "modes": list(scores["modes"]),
+                "scores": {name: scores[f"score_{name}"][j].tolist() for name in score_names},
+                **{f"dsc_{mode}": float(scores[f"dsc_{mode}"][j]) for mode in scores["modes"]},
             }
             for key, name in (("hd95", "hd"), ("hd95_mm", "hd_mm"), ("nsd", "nsd")):
                 if key in scores and not np.isnan(scores[key][j]):

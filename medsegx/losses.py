@@ -1,5 +1,9 @@
 """Training objective (paper): Dice + BCE per multimask output, the minimum over the 3 outputs.
 
+A model whose outputs include tokens it is not trained on (``mask_outputs="all"``: every token a
+candidate for the label-free choice) takes the minimum over its trained outputs only
+(``ModelConfig.loss_outputs``); the IoU-head loss, where asked, covers every output.
+
 Dice is MONAI's ``DiceLoss(sigmoid=True, squared_pred=True)`` (squared
 denominator), BCE is with logits, both per sample and per output; the loss of
 a sample is that of its best output (the box is ambiguous, the outputs are
@@ -8,6 +12,7 @@ three hypotheses), averaged over the batch.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +45,17 @@ def iou_of_masks(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def medsegx_loss(
-    logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, iou_loss_weight: float = 0.0
+    logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, iou_loss_weight: float = 0.0,
+    outputs: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch loss and the per-sample losses (``B``, for logging bad batches).
 
-    ``iou_loss_weight > 0`` adds an MSE between the IoU head and the true IoU
-    of each output, which the honest ``--select iou`` mode relies on.
+    ``outputs``: the outputs the minimum runs over (default all). ``iou_loss_weight > 0`` adds an MSE
+    between the IoU head and the true IoU of each output, which the honest ``--select iou`` mode relies on.
     """
-    per_sample = per_output_loss(logits, target).min(dim=1).values
+    everything = outputs is None or tuple(outputs) == tuple(range(logits.shape[1]))
+    trained = logits if everything else logits[:, list(outputs)]
+    per_sample = per_output_loss(trained, target).min(dim=1).values
     loss = per_sample.mean()
     if iou_loss_weight > 0:
         loss = loss + iou_loss_weight * F.mse_loss(iou_pred.float(), iou_of_masks(logits.detach(), target))

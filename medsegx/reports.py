@@ -19,8 +19,9 @@ weight, ``internal/ID.md|csv`` and ``external/<split>-<site|task>.md|csv``):
 Inputs are per-slice :class:`SliceResult` records. Skipped slices (``skipped`` = a reason, e.g.
 an empty label that crashed the published code) are left out of the published files and listed
 in ``<stem>_details.md``, which also carries N, mean and std per task, the oracle-vs-honest
-selection gap, HD95 in mm, per-case DSC and the worst slices. ``<stem>_cases.csv`` lists the
-per-case DSC; ``<stem>_dsc_boxplot.png`` and ``<stem>_worst.png`` are figures.
+selection gap, HD95 in mm, the mean DSC of every output and of every selection rule, per-case DSC
+and the worst slices. ``<stem>_cases.csv`` lists the per-case DSC, ``<stem>_outputs.csv`` every
+output's DSC and scores per slice; ``<stem>_dsc_boxplot.png`` and ``<stem>_worst.png`` are figures.
 """
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ class SliceResult:
     paper's protocol, by default; HD95 in pixels). Optional: ``nsd``, the DSC of every selection
     mode ``dsc_oracle`` / ``dsc_iou`` / ``dsc_first``, ``hd95_mm``, ``case`` (default: parsed from
     ``casenum_<id>_sliceid_``), pixel counts for volumetric DSC, ``skipped`` (a reason; keeps the
-    slice out of the published files) and ``index`` (dataset position, to fetch arrays).
+    slice out of the published files) and ``index`` (dataset position, to fetch arrays). With
+    ``dsc_outputs`` (the DSC of every output), ``dsc_modes`` (mode -> DSC of its choice) and
+    ``output_scores`` (what the label-free rules read: name -> one value per output) the details
+    gain the output-choice table and the report ``<stem>_outputs.csv``.
     """
     name: str
     group: tuple[str, ...] = field(default=())
@@ -74,6 +78,9 @@ class SliceResult:
     gt_size: int | None = None
     skipped: str | None = None
     index: int | None = None
+    dsc_outputs: list[float] | None = None
+    dsc_modes: dict[str, float] | None = None
+    output_scores: dict[str, list[float]] | None = None
 
     def __post_init__(self) -> None:
         if not self.group:
@@ -293,6 +300,7 @@ def format_details_md(results: Sequence[SliceResult], title: str, layout: str = 
         by_group.setdefault(r.group, []).append(r)
     for grp, rs in by_group.items():
         lines.append(row("/".join(grp), rs, [c for c in cases if c["group"] == grp]))
+    lines += _choice_table(scored, layout)
     vol = sum(1 for c in cases if not math.isnan(c["dsc_volume"]))
     lines += ["", f"Case DSC: {vol} of {len(cases)} cases volumetric (2·Σ|P∩G| / (Σ|P|+Σ|G|) over the case's "
               "scored slices, from per-slice pixel counts); the rest mean of slice DSC. Per-case values: "
@@ -314,6 +322,60 @@ def format_details_md(results: Sequence[SliceResult], title: str, layout: str = 
     lines += ["", f"## Worst {min(worst, len(scored))} slices (lowest DSC)", "", "| File | DSC | HD95 px |", "|---|---:|---:|"]
     lines += [f"| {r.name} | {r.dsc:.4f} | {r.hd:.4f} |" for r in worst_results(results, worst)]
     return "\n".join(lines) + "\n"
+
+
+def _choice_modes(scored: Sequence[SliceResult]) -> tuple[int, list[str]]:
+    """(number of outputs, the modes every slice scored, oracle first) of results that carry them."""
+    if not scored or any(r.dsc_outputs is None or r.dsc_modes is None for r in scored):
+        return 0, []
+    k = min(len(r.dsc_outputs) for r in scored)
+    modes = [m for m in scored[0].dsc_modes if all(m in r.dsc_modes for r in scored)]
+    return k, sorted(modes, key=lambda m: m != "oracle")
+
+
+def _choice_table(scored: Sequence[SliceResult], layout: str) -> list[str]:
+    """The output-choice section of the details: mean DSC of every fixed output and of every mode's
+    choice, per task and over all slices (empty without per-output DSCs)."""
+    k, modes = _choice_modes(scored)
+    if not k:
+        return []
+    chosen = scored[0].select
+    names = [f"output {i}" for i in range(k)] + [m + (" (scored)" if m == chosen else "") for m in modes]
+    lines = ["", "## Output choice", "",
+             f"Mean DSC of each of the {k} outputs taken always, and of each selection mode's choice (oracle looks "
+             "at the label; the others do not: metrics/select.py). Last column: the scored mode against the "
+             "best fixed output.", "",
+             "| task | N | " + " | ".join(names) + " | scored - best output |",
+             "|---|---:|" + "---:|" * (len(names) + 1)]
+    by_task: dict[str, list[SliceResult]] = {}
+    for r in scored:
+        by_task.setdefault(_task_of(r, layout), []).append(r)
+    for task, rs in [*by_task.items(), ("ALL", list(scored))]:
+        fixed = [_mean([r.dsc_outputs[i] for r in rs]) for i in range(k)]
+        by_mode = [_mean([r.dsc_modes[m] for r in rs]) for m in modes]
+        scored_mean = _mean([r.dsc for r in rs])
+        best = max((v for v in fixed if not math.isnan(v)), default=math.nan)
+        cells = [f"{v:.4f}" for v in fixed + by_mode]
+        lines.append(f"| {task} | {len(rs)} | " + " | ".join(cells) + f" | {scored_mean - best:+.4f} |")
+    return lines
+
+
+def format_outputs_csv(results: Sequence[SliceResult]) -> str:
+    """``<stem>_outputs.csv``: per scored slice, the DSC of every output, the rules' scores of every
+    output and the DSC of every mode's choice (what the output-choice study reads)."""
+    scored = _scored(results)
+    k, modes = _choice_modes(scored)
+    score_names = [n for n in ("iou", "stability", "agreement")
+                   if all(r.output_scores and n in r.output_scores for r in scored)]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["File", "Select"] + [f"DSC_{i}" for i in range(k)]
+                    + [f"{n}_{i}" for n in score_names for i in range(k)] + [f"DSC_{m}" for m in modes])
+    for r in scored:
+        writer.writerow([r.name, r.select] + [_csv_float(float(v)) for v in r.dsc_outputs[:k]]
+                        + [_csv_float(float(r.output_scores[n][i])) for n in score_names for i in range(k)]
+                        + [_csv_float(float(r.dsc_modes[m])) for m in modes])
+    return buf.getvalue()
 
 
 def format_cases_csv(results: Sequence[SliceResult]) -> str:
@@ -434,7 +496,8 @@ def write_report(results: Sequence[SliceResult], out_dir: str | Path, stem: str,
                  layout: str = "internal", gallery: Sequence[dict[str, Any]] | None = None,
                  float32: bool = True, notes: Sequence[str] = ()) -> dict[str, Path]:
     """Published ``<stem>.md|csv`` plus ``<stem>_details.md`` (with ``notes`` at its end),
-    ``<stem>_cases.csv``, ``<stem>_dsc_boxplot.png`` and, given samples, ``<stem>_worst.png`` -> paths
+    ``<stem>_cases.csv``, ``<stem>_dsc_boxplot.png``, ``<stem>_outputs.csv`` where the results carry
+    every output's DSC, and, given samples, ``<stem>_worst.png`` -> paths
     by kind. The files are written as one set: all or none replace the previous report."""
     out = Path(out_dir)
     details = format_details_md(results, title, layout)
@@ -449,6 +512,9 @@ def write_report(results: Sequence[SliceResult], out_dir: str | Path, stem: str,
         paths["cases"]: format_cases_csv(results),
         paths["boxplot"]: plot_dsc_boxplot(results, None, layout, title),
     }
+    if _choice_modes(_scored(results))[0]:
+        paths["outputs"] = out / f"{stem}_outputs.csv"
+        contents[paths["outputs"]] = format_outputs_csv(results)
     if gallery:
         paths["gallery"] = out / f"{stem}_worst.png"
         contents[paths["gallery"]] = plot_gallery(gallery, None)

@@ -2,9 +2,9 @@
 
     python scripts/generalisation_table.py playground/generalisation
 
-Reads each run's ``*_details.md`` (the DSC (oracle) and DSC (iou) columns of its ALL and per-task rows)
-and prints Markdown: per set, zero-shot LiteMedSAM and every recipe as mean +- standard deviation over
-the seeds (oracle / label-free), and the change against zero-shot.
+Reads each run's ``*_details.md`` (the scored DSC, i.e. the evaluation's ``--select``, and the DSC (iou)
+columns of its ALL and per-task rows) and prints Markdown: per set, zero-shot LiteMedSAM and every recipe
+as mean +- standard deviation over the seeds (scored / IoU head), and the change against zero-shot.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ SETS = [("ID (trained tasks)", "ID/internal/ID_details.md"), ("CT organs (held o
 
 
 def read_details(path: Path) -> dict[str, tuple[float, float, int]]:
-    """task (and "ALL") -> (mean DSC oracle, mean DSC iou, N) from a details report."""
+    """task (and "ALL") -> (mean DSC scored, mean DSC iou, N) from a details report (scored: the output its
+    ``--select`` chose; for lite the label-free default, for SAM the paper's oracle)."""
     lines = path.read_text(encoding="utf-8").splitlines()
     start = lines.index("## Per task")
     header = [c.strip() for c in lines[start + 2].split("|")]
@@ -28,7 +29,8 @@ def read_details(path: Path) -> dict[str, tuple[float, float, int]]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.split("|")]
-        rows[cells[1]] = (float(cells[col["DSC (oracle)"]].split()[0]), float(cells[col["DSC (iou)"]].split()[0]),
+        scored = next(i for name, i in col.items() if name.startswith("DSC (scored"))
+        rows[cells[1]] = (float(cells[scored].split()[0]), float(cells[col["DSC (iou)"]].split()[0]),
                           int(cells[2]))
     return rows
 
@@ -57,7 +59,7 @@ def load(out: Path) -> list[tuple[str, Details, dict[str, list[Details]]]]:
 
 
 def summary(sets: list[tuple[str, Details, dict[str, list[Details]]]]) -> list[str]:
-    """One row per model, one column per set: mean DSC (oracle) +- spread over seeds, change vs zero-shot."""
+    """One row per model, one column per set: mean DSC (scored) +- spread over seeds, change vs zero-shot."""
     if not sets:
         return []
     lines = ["## Summary (mean DSC over each set's slices; change against zero-shot LiteMedSAM)", "",
@@ -77,12 +79,12 @@ def summary(sets: list[tuple[str, Details, dict[str, list[Details]]]]) -> list[s
 def main(out: Path) -> str:
     sets = load(out)
     lines = [f"# Generalisation study ({out})", "",
-             "Mean DSC over the set's slices; recipes: mean ± standard deviation over seeds. oracle = best of the "
-             "model's outputs by the label (the paper's protocol); label-free = the IoU head's choice (identical "
-             "for a single-output model).", ""]
+             "Mean DSC over the set's slices; recipes: mean ± standard deviation over seeds. scored = the output "
+             "the evaluation's --select chose (lite: its label-free default; SAM: the paper's oracle, best by the "
+             "label); label-free = the IoU head's choice.", ""]
     lines += summary(sets)
     for title, base, recipe_runs in sets:
-        lines += [f"## {title}", "", "| model | seeds | N | oracle | label-free | change (oracle) | change (label-free) |",
+        lines += [f"## {title}", "", "| model | seeds | N | scored | label-free | change (scored) | change (label-free) |",
                   "|---|---|---|---|---|---|---|",
                   f"| zero-shot LiteMedSAM | - | {base['ALL'][2]} | {base['ALL'][0]:.4f} | {base['ALL'][1]:.4f} | | |"]
         per_task_rows = []
@@ -95,7 +97,7 @@ def main(out: Path) -> str:
                 values = [r[task][0] for r in runs if task in r]
                 per_task_rows.append(f"| {task} | {name} | {base[task][0]:.4f} | {fmt(values)} | "
                                      f"{statistics.mean(values) - base[task][0]:+.4f} |")
-        lines += ["", "| task | recipe | zero-shot | recipe (oracle) | change |", "|---|---|---|---|---|", *per_task_rows, ""]
+        lines += ["", "| task | recipe | zero-shot | recipe (scored) | change |", "|---|---|---|---|---|", *per_task_rows, ""]
     return "\n".join(lines) + "\n"
 
 

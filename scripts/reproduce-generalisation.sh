@@ -8,7 +8,8 @@
 # HC18's finetune/ slices are the held-out validation set of the early-stopping recipe (never a test set).
 # Environment: RECIPES (default "jitter5 lrsplit paper lowlr frozen"; also "earlystop", "multimask", "l2sp",
 # "l2sp-strong", "jitter5-l2sp"), SEEDS (default "0 1 2"), EPOCHS (default 12),
-# THREADS, OUT (default playground/generalisation). Writes $OUT/table.md.
+# THREADS, OUT (default playground/generalisation), PREFIX_CACHE (default $OUT/prefix-cache: the frozen
+# prefix of each slice, computed once for the whole study). Writes $OUT/table.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_help.sh
@@ -20,7 +21,9 @@ OUT=${OUT:-playground/generalisation}
 THREADS=${THREADS:-$(nproc 2>/dev/null || echo 2)}
 EPOCHS=${EPOCHS:-12}
 export OMP_NUM_THREADS=$THREADS
-COMMON=(--model_type lite --device_ids --num_workers 0 --threads "$THREADS")
+# the frozen prefix of every slice is computed once for the whole study (every recipe, seed, epoch, evaluation)
+CACHE=${PREFIX_CACHE:-$OUT/prefix-cache}
+COMMON=(--model_type lite --device_ids --num_workers 0 --threads "$THREADS" --prefix_cache_dir "$CACHE")
 start=$(date +%s)
 
 # 1. the held-out CT organs, converted like any user's data (the data tree is only read)
@@ -70,7 +73,7 @@ for recipe in ${RECIPES:-jitter5 lrsplit paper lowlr frozen}; do
         run=$OUT/$recipe/seed$seed
         [ -f "$run/scores/OOD/external/OOD-site.csv" ] && continue
         $PY pretrain.py "${COMMON[@]}" "${FLAGS[@]}" --seed "$seed" --data_path "$DB/train" --num_epochs "$EPOCHS" \
-            --batch_size 8 --prefix_cache --work_dir "$OUT/$recipe" --task_name "seed$seed" --overwrite
+            --batch_size 8 --work_dir "$OUT/$recipe" --task_name "seed$seed" --overwrite
         weight=$run/model_latest.pth
         [ "$recipe" = earlystop ] && weight=$run/model_best.pth
         score "$weight" "$run/scores"

@@ -39,9 +39,9 @@ $PY finetune.py "${COMMON[@]}" --data_path $DB/eval/OOD --shift_type cross_task 
     --lr 1e-4 --prefix_cache --work_dir $OUT --task_name finetune
 
 $PY -m medsegx compare $OUT/zero-shot/internal/ID.csv $OUT/pretrain/internal/ID.csv \
-    --labels "zero-shot LiteMedSAM" "LiteMedSAM + ConMoAE" --title "eval/ID, oracle selection" --out $OUT/id_table.md
+    --labels "zero-shot LiteMedSAM" "LiteMedSAM + ConMoAE" --title "eval/ID, the lite default label-free selection" --out $OUT/id_table.md
 $PY -m medsegx compare $OUT/zero-shot/external/OOD-task.csv $OUT/pretrain/external/OOD-task.csv --external \
-    --labels "zero-shot LiteMedSAM" "LiteMedSAM + ConMoAE" --title "eval/OOD cross_task (inference/), oracle selection" \
+    --labels "zero-shot LiteMedSAM" "LiteMedSAM + ConMoAE" --title "eval/OOD cross_task (inference/), the lite default label-free selection" \
     --out $OUT/ood_table.md
 cat $OUT/id_table.md $OUT/ood_table.md $OUT/finetune/cross_task/summary.md
 echo "[reproduce] total $(( $(date +%s) - start )) s"

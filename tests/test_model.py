@@ -41,6 +41,12 @@ def test_tiny_forward_shapes():
     assert out.iou_pred.shape == (2, 3)
     assert out.gates.shape == (2, 2, 4)  # (adapted blocks, B, E)
     torch.testing.assert_close(out.gates.sum(-1), torch.ones(2, 2))
+    every = build_model("vit_tiny", mask_outputs="all").eval()
+    every.load_state_dict(model.state_dict())
+    both = every(*_batch())
+    assert both.masks.shape == (2, 4, 256, 256) and both.iou_pred.shape == (2, 4)
+    torch.testing.assert_close(both.masks[:, 1:], out.masks)  # tokens 1..3 are the paper's outputs
+    torch.testing.assert_close(both.iou_pred[:, 1:], out.iou_pred)
 
 
 def test_zero_initialised_adapters_are_the_backbone():

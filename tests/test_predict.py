@@ -23,6 +23,8 @@ from conftest import REPO, shared_path
 from torch import nn
 
 import predict as cli
+from medsegx.args import PROPAGATE_GROW
+from medsegx.inference.prompts import PromptError, follow_box
 from medsegx.inference.segmenter import Segmenter
 from medsegx.model import MedSegXOutput
 
@@ -32,9 +34,10 @@ CT_LABEL = ("data", "volumes", "ct_abdomen_small_label.nii.gz")
 ORGANS = "5:Liver,1:Spleen,2:RightKidney,3:LeftKidney"
 # the middle four of the slices (0..18) on which all four organs are present
 SLAB = slice(7, 11)
-# 3-D DSC of LiteMedSAM on SLAB with boxes from the labels (README "Segment your own scan": measured
-# 0.8009 / 0.9790 / 0.9171 / 0.9336); the floors sit 0.03 below.
-LITE_SLAB_DSC_FLOOR = {5: 0.77, 1: 0.94, 2: 0.88, 3: 0.90}
+# 3-D DSC of LiteMedSAM on SLAB with boxes from the labels, the lite default (four tokens, first_consensus):
+# measured 0.6576 / 0.9790 / 0.9171 / 0.9336 (token 0 alone, README "Segment your own scan": 0.8009 for the
+# liver, the rest the same; docs/GENERALISATION.md); the floors sit 0.03 below.
+LITE_SLAB_DSC_FLOOR = {5: 0.62, 1: 0.94, 2: 0.88, 3: 0.90}
 
 
 @pytest.fixture(autouse=True)
@@ -121,8 +124,10 @@ def test_lite_reaches_the_readme_dsc_in_the_input_geometry(tmp_path):
     assert scores[5]["dsc"] == pytest.approx(liver, abs=1e-9)
     for obj in log["objects"]:
         assert obj["slices_predicted"] == 4 and [s["z_index"] for s in obj["slices"]] == [0, 1, 2, 3]
-        # lite has one output, LiteMedSAM's mask token 0 (docs/GENERALISATION.md)
-        assert all(s["output"] == 0 and len(s["iou_pred"]) == 1 for s in obj["slices"])
+        # lite offers the four mask tokens; first_consensus (its default) keeps LiteMedSAM's token 0 unless
+        # token 0 is in doubt, and then takes token 1 (docs/GENERALISATION.md)
+        assert all(s["output"] in (0, 1) and len(s["iou_pred"]) == 4 for s in obj["slices"])
+        assert all(s["output"] == 0 for s in obj["slices"] if s["iou_pred"][0] >= 0.88)
     assert (out / "slab_overlay.png").stat().st_size > 10_000
 
 
@@ -252,10 +257,84 @@ def test_propagation_follows_the_object_and_stops_where_it_vanishes(tmp_path):
     assert [s["pixels_256"] == 0 for s in slices] == [True] + [False] * 13 + [True]
     lo, hi = _span(8, 31, 40)
     assert slices[7]["box_256"] == [lo, lo, hi, hi]  # slice 9: the user's box on the 256 grid
-    # slice 10: the box of slice 9's mask (the sphere's section: x 13..25, y 14..26), not the user's
+    # slice 10: the box of slice 9's mask (the sphere's section: x 13..25, y 14..26) grown by
+    # PROPAGATE_GROW pixels per side and kept inside the user's box; the tight box with grow 0
     (sx0, sx1), (sy0, sy1) = _span(13, 25, 40), _span(14, 26, 40)
-    assert slices[8]["box_256"] == [sx0, sy0, sx1, sy1]
+    g = PROPAGATE_GROW
+    assert slices[8]["box_256"] == [max(sx0 - g, lo), max(sy0 - g, lo), min(sx1 + g, hi), min(sy1 + g, hi)]
     assert all(s["output"] == 1 for s in slices)  # the IoU head's choice
+    tight = seg.segment_file(tmp_path / "sphere.nii.gz", box, modality="CT", propagate=True,
+                             propagate_grow=0).log()["objects"][0]["slices"]
+    assert tight[8]["box_256"] == [sx0, sy0, sx1, sy1]
+
+
+class ShrinkingInBox(BrightInBox):
+    """Stand-in for a model whose mask lies a little inside the object: the bright pixels inside
+    the box less 4 grid pixels on each side of the box (as a real model's boundary error)."""
+
+    def forward(self, image, box, modal, organ):
+        inner = box.float() + torch.tensor([4.0, 4.0, -4.0, -4.0])
+        return super().forward(image, inner, modal, organ)
+
+
+def test_propagation_with_growth_holds_an_object_that_a_tight_chain_loses():
+    z, y, x = np.mgrid[:34, :40, :40]
+    cylinder = ((y - 20) ** 2 + (x - 19) ** 2 <= 36) & (z >= 2) & (z <= 31)   # slices 2..31, one section
+    volume = np.where(cylinder, 400, -1000).astype(np.int16)
+    seg = Segmenter(ShrinkingInBox())
+    box = (12, 13, 2, 26, 27, 31)  # the tight 3-D box of the cylinder, one voxel more
+    ref = cylinder.astype(bool)
+
+    def dsc(pred):
+        pred = pred > 0
+        return 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+
+    chain = seg.segment(volume, box, modality="CT", task="Liver", propagate=True, propagate_grow=0)
+    held = seg.segment(volume, box, modality="CT", task="Liver", propagate=True)
+    # the tight chain loses 4 grid pixels per side per slice and vanishes some slices from the start
+    covered = np.flatnonzero(chain.any(axis=(1, 2)))
+    assert len(covered) < 25 and dsc(chain) < 0.6
+    # grown by more than the model's error, every slice of the range keeps the object's full section
+    assert np.flatnonzero(held.any(axis=(1, 2))).tolist() == list(range(2, 32))
+    same_box = seg.segment(volume, box, modality="CT", task="Liver")
+    assert dsc(held) >= dsc(same_box) > 0.8
+
+
+def test_propagation_from_a_box_drawn_on_one_slice(tmp_path):
+    """A viewer's prompt: a 2-D box drawn on slice 6 with the object's first and last slice (2..13).
+    Seeded there, the other slices are not held to that box: the cone grows past it."""
+    z, y, x = np.mgrid[:16, :48, :48]
+    cone = ((y - 24) ** 2 + (x - 24) ** 2 <= (2 + z) ** 2) & (z >= 2) & (z <= 13)  # radius 4..15
+    volume = np.where(cone, 400, -1000).astype(np.int16)
+    seg = Segmenter(BrightInBox())
+    box = (16, 16, 2, 32, 32, 13)  # the tight box of slice 6's section (radius 8), z the object's range
+    seeded = seg.segment(volume, box, modality="CT", task="Liver", propagate=True, seed=6)
+    np.testing.assert_array_equal(seeded, cone.astype(np.uint8))
+    bounded = seg.segment(volume, box, modality="CT", task="Liver", propagate=True)  # a 3-D bounding box
+    assert bounded[13].sum() < cone[13].sum() and not bounded[:, :16].any()
+
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(tmp_path / "cone.nii.gz"))
+    log = seg.segment_file(tmp_path / "cone.nii.gz", box, modality="CT", propagate=True, seed=6).log()
+    assert log["objects"][0]["slices"][0]["slice"] == 2 and "drawn on slice 6" in log["objects"][0]["prompt"]
+    by_z = {s["z_index"]: s["box_256"] for s in log["objects"][0]["slices"]}
+    lo, hi = _span(16, 32, 48)
+    assert by_z[6] == [lo, lo, hi, hi]                      # the drawn box on its slice
+    assert by_z[7][0] < lo and by_z[7][2] > hi              # the next one grew past it
+    with pytest.raises(PromptError, match="outside the box's z range 2..13"):
+        seg.segment(volume, box, modality="CT", task="Liver", propagate=True, seed=14)
+    with pytest.raises(PromptError, match="add --propagate"):
+        seg.segment(volume, box, modality="CT", task="Liver", seed=6)
+
+
+def test_follow_box_grows_the_neighbours_box_inside_the_users_box():
+    mask = np.zeros((256, 256), bool)
+    mask[100:120, 50:60] = True                                  # x 50..59, y 100..119
+    user = np.array([40, 90, 200, 125], dtype=np.float32)
+    np.testing.assert_array_equal(follow_box(mask, user, 0, 0), [50, 100, 59, 119])
+    np.testing.assert_array_equal(follow_box(mask, user, 1, 4), [45, 95, 64, 124])
+    np.testing.assert_array_equal(follow_box(mask, user, 0, 20), [40, 90, 79, 125])  # clipped to the user's box
+    far = np.array([150, 150, 200, 200], dtype=np.float32)      # no overlap: the user's box
+    np.testing.assert_array_equal(follow_box(mask, far, 0, 5), far)
 
 
 def test_selection_never_looks_at_a_label(tmp_path):
@@ -363,7 +442,11 @@ def test_other_bad_input_is_refused_before_any_work(tmp_path, capsys, slab_path)
     sitk.WriteImage(mismatched, str(tmp_path / "small_mask.nii.gz"))
     refused(["-i", str(slab_path), "-o", str(tmp_path / "o3"), "--prompt_mask", str(tmp_path / "small_mask.nii.gz")],
             "does not match image")
-    assert not [p for name in ("o1", "o2", "o3") for p in (tmp_path / name).glob("*")]
+    refused(["-i", str(slab_path), "-o", str(tmp_path / "o4"), "--box", "0", "0", "0", "9", "9", "3",
+             "--seed_slice", "1"], "--seed_slice is where --propagate starts from --box")
+    refused(["-i", str(slab_path), "-o", str(tmp_path / "o5"), "--box", "0", "0", "0", "9", "9", "2",
+             "--propagate", "--seed_slice", "3"], "seed slice 3 is outside the box's z range 0..2")
+    assert not [p for name in ("o1", "o2", "o3", "o4", "o5") for p in (tmp_path / name).glob("*")]
 
 
 def test_a_folder_of_cases_reports_non_images_and_keeps_existing_outputs(tmp_path, capsys):
@@ -420,3 +503,22 @@ def test_segment_numpy_2d_and_3d():
     np.testing.assert_array_equal(mask3, expected3)
     with pytest.raises(ValueError, match="has 4 numbers but the image is a volume"):
         seg.segment(volume, box=(1, 2, 30, 40), modality="CT")
+
+
+def test_default_selection_follows_the_backbone():
+    """--select / Segmenter(select=None): the backbone's label-free default (lite: first_consensus over its four
+    tokens; SAM: the IoU head); evaluation of SAM backbones keeps the paper's oracle."""
+    import evaluate_internal
+    from medsegx.model.config import model_config
+
+    model = BrightInBox()
+    model.config = model_config("lite")
+    assert Segmenter(model).runner.select == "first_consensus"
+    model.config = model_config("vit_b")
+    assert Segmenter(model).runner.select == "iou"
+    base = ["-i", "x", "-o", "y", "--modality", "CT", "--box", "1", "1", "2", "2"]
+    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite"]).select == "first_consensus"
+    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite", "--select", "first"]).select == "first"
+    evaluation = evaluate_internal.get_args_parser()
+    assert evaluation.parse_args(["--data_path", "x", "--model_type", "lite"]).select == "first_consensus"
+    assert evaluation.parse_args(["--data_path", "x"]).select == "oracle"  # vit_b: the published protocol

@@ -166,6 +166,25 @@ def test_details_label_the_selection_mode():
     assert "DSC (0.6500)" in format_summary_md(rows, "internal evaluation")
 
 
+def test_details_and_outputs_report_every_output_and_rule(tmp_path):
+    """With every output's DSC, the details gain the output-choice table and <stem>_outputs.csv is written."""
+    rows = [SliceResult(f"D/T/casenum_{i}_sliceid_0.npy", dsc=d[m], hd=1.0, select="first_consensus",
+                        dsc_outputs=outs, dsc_modes=d, output_scores={"iou": [0.9, 0.2], "agreement": [0.5, 0.5]})
+            for i, (outs, d, m) in enumerate([([0.9, 0.5], {"oracle": 0.9, "first": 0.9, "first_consensus": 0.9},
+                                               "first_consensus"),
+                                              ([0.4, 0.8], {"oracle": 0.8, "first": 0.4, "first_consensus": 0.8},
+                                               "first_consensus")])]
+    details = format_details_md(rows, "internal evaluation")
+    header = next(line for line in details.splitlines() if line.startswith("| task | N | output 0"))
+    assert "| oracle | first | first_consensus (scored) | scored - best output |" in header
+    # outputs 0.65 / 0.65 on average, the oracle 0.85, the default's choice 0.85: +0.20 over the best output
+    assert "| ALL | 2 | 0.6500 | 0.6500 | 0.8500 | 0.6500 | 0.8500 | +0.2000 |" in details
+    paths = write_report(rows, tmp_path, "ID", internal_title())
+    lines = paths["outputs"].read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "File,Select,DSC_0,DSC_1,iou_0,iou_1,agreement_0,agreement_1,DSC_oracle,DSC_first,DSC_first_consensus"
+    assert lines[2] == "D/T/casenum_1_sliceid_0.npy,first_consensus,0.4,0.8,0.9,0.2,0.5,0.5,0.8,0.4,0.8"
+
+
 def test_read_published_csv_rejects_other_columns(tmp_path):
     bad = Path(tmp_path / "bad.csv")
     bad.write_text("File,Dice\nA/x.npy,1\n")

@@ -86,3 +86,24 @@ def test_every_flag_explains_itself():
         assert "(default: None)" not in text, name
         for line in text.replace("\n", " ").split("(default: ")[1:]:
             assert "(default" not in line.split(")")[0], (name, line[:80])
+
+
+def test_requirements_txt_pins_every_runtime_dependency_as_constraints_txt_does():
+    """The paper's `pip install -r requirements.txt` installs pyproject's dependencies at CI's versions."""
+    import re
+
+    import tomllib
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    pins = {norm(k): v for k, v in pins.items()}
+    lines = [line for line in (REPO / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "-c constraints.txt" and lines[-1] == "."
+    listed = dict(line.split("==") for line in lines[1:-1])
+    assert sorted(map(norm, listed)) == sorted(norm(re.split(r"[<>=!~ ]", d)[0]) for d in deps)
+    assert all(pins[norm(name)] == version for name, version in listed.items())

@@ -49,3 +49,35 @@ def test_reader_refuses_a_report_without_its_table(tmp_path):
     path.write_text("# details\n\nno table here\n", encoding="utf-8")
     with pytest.raises(ValueError):
         _table_module().read_details(path)
+
+
+def _selection_module():
+    spec = importlib.util.spec_from_file_location("selection_table", REPO / "scripts" / "selection_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _outputs_csv(path: Path, rows: list[tuple[list[float], dict[str, float]]]) -> None:
+    modes = list(rows[0][1])
+    lines = [",".join(["File", "Select"] + [f"DSC_{i}" for i in range(len(rows[0][0]))] + [f"DSC_{m}" for m in modes])]
+    for j, (fixed, by_mode) in enumerate(rows):
+        lines.append(",".join([f"D/T/s{j}.npy", "first"] + [repr(v) for v in fixed] + [repr(by_mode[m]) for m in modes]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_selection_table_reads_the_outputs_reports(tmp_path):
+    """scripts/selection_table.py: per set the means of the evaluation's columns, and the default against the
+    best fixed output."""
+    table = _selection_module()
+    modes = {m: 0.0 for m in table.LABEL_FREE_MODES}
+    _outputs_csv(tmp_path / "ID" / "internal" / "ID_outputs.csv",
+                 [([0.8, 0.6], {"oracle": 0.8, **modes, "first": 0.8}), ([0.6, 0.7], {"oracle": 0.7, **modes, "first": 0.6})])
+    _outputs_csv(tmp_path / "HC18" / "external" / "OOD-task_outputs.csv",
+                 [([0.5, 0.9], {"oracle": 0.9, **modes, "first": 0.5})])
+    text = table.main([str(tmp_path), "--default", "first"])
+    # ID: token 0 mean 0.70 is the best fixed (token 1: 0.65); HC18: token 1 (0.9) beats the default's 0.5
+    assert "| eval/ID (MedSegDB-real, the trained tasks) | 2 | 0.7500 | 0.7000 | 0.6500 |" in text
+    assert "| token 0 | +0.0000 |" in text and "| token 1 | -0.4000 |" in text
+    assert "NOT within 0.005" in text and "-0.4000, HC18" in text

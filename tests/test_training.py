@@ -48,6 +48,21 @@ def test_loss_is_min_over_outputs():
     loss, per_sample = medsegx_loss(logits, torch.zeros(2, 3), target)
     torch.testing.assert_close(per_sample, per[:, 1])
     torch.testing.assert_close(loss, per[:, 1].mean())
+    # only the trained outputs count: the minimum over output 0 alone is output 0's loss
+    torch.testing.assert_close(medsegx_loss(logits, torch.zeros(2, 3), target, outputs=(0,))[1], per[:, 0])
+    torch.testing.assert_close(medsegx_loss(logits, torch.zeros(2, 3), target, outputs=(0, 2))[1], per[:, 0])
+
+
+def test_loss_outputs_are_the_trained_tokens():
+    """mask_outputs="all" makes every token a candidate, but the loss stays on the backbone's trained tokens:
+    LiteMedSAM's token 0 (output 0), the paper's tokens 1..3 (outputs 1..3) for SAM backbones."""
+    from medsegx.model.config import model_config
+
+    assert model_config("lite").mask_outputs == "all" and model_config("lite").loss_outputs() == (0,)
+    assert model_config("lite", mask_outputs="single").loss_outputs() == (0,)
+    assert model_config("vit_b").loss_outputs() == (0, 1, 2)  # the paper's 3 outputs = tokens 1..3
+    assert model_config("vit_b", mask_outputs="all").loss_outputs() == (1, 2, 3)
+    assert [model_config("vit_tiny", mask_outputs=m).num_outputs() for m in ("multimask", "single", "all")] == [3, 1, 4]
 
 
 class _Toy(torch.nn.Module):

@@ -29,6 +29,7 @@ from ..data.sources import IMAGE2D_EXTENSIONS, read_image
 from ..data.volume import SliceStack, slice_stack, stack_intensity, stack_to_image
 from .prompts import (
     NPY_EXTENSION,
+    PROPAGATE_GROW,
     ObjectPrompt,
     PreparedObject,
     PromptError,
@@ -62,6 +63,7 @@ class PredictOptions:
     orient: str = "LPS"
     propagate: bool = False
     box_margin: int = 0
+    propagate_grow: int = PROPAGATE_GROW
     labels_map: Mapping[str, tuple[int, ...]] | None = None  # prompt-mask values -> task
 
 
@@ -142,8 +144,12 @@ def _stored_slice_index(record: Mapping):
 
 
 def prepare_objects(stack: SliceStack, image_size: Sequence[int], prompts: Sequence[ObjectPrompt] | None,
-                    prompt_mask: np.ndarray | None, opts: PredictOptions, case: str) -> tuple[list[PreparedObject], list[str]]:
-    """Context, intensity mapping and per-slice boxes of every object; notes for empty prompts."""
+                    prompt_mask: np.ndarray | None, opts: PredictOptions, case: str,
+                    intensity_cache: dict | None = None) -> tuple[list[PreparedObject], list[str]]:
+    """Context, intensity mapping and per-slice boxes of every object; notes for empty prompts.
+
+    ``intensity_cache``: a dict kept per image across calls (the server) so percentile bounds are computed once.
+    """
     where = f"case {case!r}"
     notes: list[str] = []
     if prompts is None:
@@ -152,7 +158,7 @@ def prepare_objects(stack: SliceStack, image_size: Sequence[int], prompts: Seque
         prompts = mask_objects(np.unique(prompt_mask).tolist(), opts.labels_map, f"{where}")
     stored_shape = tuple(reversed([int(n) for n in image_size]))
     contexts: dict[str | None, TaskContext] = {}
-    intensity_cache: dict = {}
+    intensity_cache = {} if intensity_cache is None else intensity_cache
     prepared = []
     for prompt in prompts:
         task = prompt.task or opts.task
@@ -169,27 +175,53 @@ def prepare_objects(stack: SliceStack, image_size: Sequence[int], prompts: Seque
         boxes = slice_boxes(stack, canonical, opts.box_margin)
         if not boxes:
             notes.append(f"{prompt.describe()}: no voxel in the prompt mask, nothing predicted for label {prompt.label}")
-        prepared.append(PreparedObject(prompt, context, bounds, boxes))
+        prepared.append(PreparedObject(prompt, context, bounds, boxes, seed_slice(stack, prompt, boxes, opts, where)))
     if prompt_mask is not None and not any(o.boxes for o in prepared):
         notes.append("the prompt mask is empty" + (" for the values of --labels_map" if opts.labels_map else "")
                      + ": wrote an empty mask")
     return prepared, notes
 
 
+def seed_slice(stack: SliceStack, prompt: ObjectPrompt, boxes: Mapping[int, np.ndarray], opts: PredictOptions,
+               where: str) -> int | None:
+    """The slice id of ``prompt.seed`` (a stored index along the slicing axis), checked: it needs a
+    volume box, propagation, and a slice inside the box's range."""
+    if prompt.seed is None:
+        return None
+    axis_name, to_stored = _stored_slice_index(stack.record)
+    if axis_name is None or prompt.box is None or len(prompt.box) != 6:
+        raise PromptError(f"{where}: {prompt.describe()}: a seed slice goes with a volume box (x0 y0 z0 x1 y1 z1)")
+    if not opts.propagate:
+        raise PromptError(f"{where}: {prompt.describe()}: a seed slice is where propagation starts; add --propagate")
+    k = to_stored(prompt.seed)  # the map between stored index and slice id is its own inverse
+    if k not in boxes:
+        lo, hi = sorted(to_stored(j) for j in (min(boxes), max(boxes)))
+        raise PromptError(f"{where}: {prompt.describe()}: seed slice {prompt.seed} is outside the box's "
+                          f"{axis_name} range {lo}..{hi}")
+    return k
+
+
 def predict_case(runner: SliceRunner, case: str, image: sitk.Image, source: str | Path,
                  prompts: Sequence[ObjectPrompt] | None, opts: PredictOptions,
-                 prompt_mask: np.ndarray | None = None, progress: bool = True) -> CasePrediction:
-    """Segment one image: ``prompts`` (boxes) or ``prompt_mask`` (stored order, integer values)."""
+                 prompt_mask: np.ndarray | None = None, progress: bool = True, *, stack: SliceStack | None = None,
+                 intensity_cache: dict | None = None) -> CasePrediction:
+    """Segment one image: ``prompts`` (boxes) or ``prompt_mask`` (stored order, integer values).
+
+    ``stack`` (``slice_stack(image, source, opts.axis, opts.orient)``) and ``intensity_cache`` may be
+    kept by a caller that segments the same image many times (``medsegx serve``).
+    """
     from .runner import compose_labels
 
     t0 = time.perf_counter()
-    stack = slice_stack(image, source, opts.axis, opts.orient)
-    objects, notes = prepare_objects(stack, image.GetSize(), prompts, prompt_mask, opts, case)
+    if stack is None:
+        stack = slice_stack(image, source, opts.axis, opts.orient)
+    objects, notes = prepare_objects(stack, image.GetSize(), prompts, prompt_mask, opts, case, intensity_cache)
     for note in notes:
         logger.warning("%s: %s", case, note)
     if opts.propagate and any(o.prompt.box is None for o in objects):
         raise PromptError(f"case {case!r}: --propagate starts from a box; it does not apply to a prompt mask")
-    results = runner.segment(stack, objects, propagate=opts.propagate, margin=opts.box_margin, desc=case,
+    results = runner.segment(stack, objects, propagate=opts.propagate, margin=opts.box_margin,
+                             grow=opts.propagate_grow, desc=case,
                              progress=progress)
     labels = compose_labels(stack, objects, results)
     out = stack_to_image(labels, stack.record)

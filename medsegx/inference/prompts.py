@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..args import PROPAGATE_GROW
 from ..data.intensity import TARGET_SIZE, resize_mask
 from ..data.sources import IMAGE_SUFFIXES, strip_extension
 from ..data.taxonomy import NEUTRAL_ROW, TaxonomyError, load_taxonomy
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 MAX_LABEL = 255  # outputs are uint8 label maps
 NPY_EXTENSION = ".npy"
-_OBJECT_KEYS = {"box", "label", "task"}
+_OBJECT_KEYS = {"box", "label", "task", "seed"}
 
 
 class PromptError(UserError, ValueError):
@@ -92,13 +93,18 @@ class ObjectPrompt:
 
     ``box``: 4 (2-D: x0 y0 x1 y1) or 6 (volume: x0 y0 z0 x1 y1 z1) inclusive voxel indices of the
     stored array (x = column, y = row, z = slice). ``mask_values``: the values of the prompt mask
-    that form the object (instead of a box). ``label``: value written in the output.
+    that form the object (instead of a box). ``label``: value written in the output. ``seed``: with a
+    volume box and propagation, the stored index of the slice the box's x-y extent was drawn on (a
+    viewer's box on one slice, its z range the object's first and last slice): propagation starts there
+    and only that slice is held to the box; without it the box is the object's 3-D bounding box and
+    propagation starts on its middle slice.
     """
 
     label: int = 1
     task: str | None = None
     box: tuple[int, ...] | None = None
     mask_values: tuple[int, ...] | None = None
+    seed: int | None = None
 
     @property
     def source(self) -> str:
@@ -111,7 +117,7 @@ class ObjectPrompt:
 
     def describe(self) -> str:
         if self.box is not None:
-            return f"box {' '.join(map(str, self.box))}"
+            return f"box {' '.join(map(str, self.box))}" + (f" drawn on slice {self.seed}" if self.seed is not None else "")
         return f"prompt mask value(s) {'+'.join(map(str, self.mask_values or ()))}"
 
 
@@ -185,8 +191,11 @@ def load_prompts_file(path: str | Path) -> dict[str, list[ObjectPrompt]]:
             task = obj.get("task")
             if task is not None and not isinstance(task, str):
                 raise PromptError(f"{where}: task must be a string, got {task!r}")
+            seed = obj.get("seed")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+                raise PromptError(f"{where}: seed must be a slice index (an integer), got {seed!r}")
             parsed.append(ObjectPrompt(label=check_label(obj.get("label", 1), where), task=task,
-                                       box=parse_box(obj["box"], where)))
+                                       box=parse_box(obj["box"], where), seed=seed))
         out[case] = parsed
     return out
 
@@ -240,6 +249,17 @@ def plane_box(plane: np.ndarray, margin: int = 0, size: int = TARGET_SIZE) -> np
     return np.clip(box, 0, size - 1).astype(np.float32)
 
 
+def follow_box(previous: np.ndarray, user_box: np.ndarray, margin: int = 0, grow: int = PROPAGATE_GROW) -> np.ndarray:
+    """The box for the next slice of a propagation: the tight box of the neighbour's mask ``previous``
+    (256 grid) grown by ``margin + grow`` pixels per side, kept inside ``user_box`` (the user's box on
+    that slice, 256 grid). Where the two do not overlap the user's box is used."""
+    derived = plane_box(previous, margin + grow)
+    box = np.concatenate([np.maximum(derived[:2], user_box[:2]), np.minimum(derived[2:], user_box[2:])])
+    if (box[:2] > box[2:]).any():
+        return np.asarray(user_box, dtype=np.float32).copy()
+    return box.astype(np.float32)
+
+
 def slice_boxes(stack: SliceStack, canonical_mask: np.ndarray, margin: int = 0) -> dict[int, np.ndarray]:
     """Slice id -> box on the 256 grid, for every slice of ``stack`` where ``canonical_mask`` has foreground."""
     axis = stack.axis_index
@@ -256,6 +276,7 @@ class PreparedObject:
     context: TaskContext
     bounds: dict
     boxes: dict[int, np.ndarray] = field(default_factory=dict)
+    start: int | None = None  # the slice id propagation starts on when the user named it (``prompt.seed``)
 
     @property
     def label(self) -> int:

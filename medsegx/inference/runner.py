@@ -24,9 +24,11 @@ from tqdm import tqdm
 
 from .. import runtime
 from ..args import LABEL_FREE_SELECTION
+from ..data.intensity import TARGET_SIZE
 from ..data.volume import SliceStack, mask_to_plane, model_slice, put_plane
 from ..metrics.select import binarize, select_masks
-from .prompts import PreparedObject, plane_box
+from ..model.config import default_select
+from .prompts import PROPAGATE_GROW, PreparedObject, follow_box
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +82,14 @@ class _Request:
 
 
 class SliceRunner:
-    """Runs requests in batches of ``batch_size`` on ``device`` and picks one output by ``select``."""
+    """Runs requests in batches of ``batch_size`` on ``device`` and picks one output by ``select``
+    (None: the default of the model's backbone, :func:`~medsegx.model.config.default_select`)."""
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, batch_size: int = 8,
-                 amp: bool = False, amp_dtype: str | None = None, select: str = "iou") -> None:
+                 amp: bool = False, amp_dtype: str | None = None, select: str | None = None) -> None:
+        if select is None:
+            config = getattr(model, "config", None)
+            select = default_select(config.model_type if config is not None else "vit_b")
         if select not in LABEL_FREE_SELECTION:
             raise ValueError(f"select must be one of {LABEL_FREE_SELECTION} (never the label), got {select!r}")
         if batch_size < 1:
@@ -109,7 +115,7 @@ class SliceRunner:
         """One batch: images (256, 256, 3) uint8, boxes on the 256 grid, context rows.
 
         Returns the chosen masks ``B x 256 x 256`` bool, the chosen output indices ``B`` and the
-        IoU predictions ``B x 3``.
+        IoU predictions ``B x K``.
         """
         image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(self.device)
         box = torch.from_numpy(np.stack(boxes).astype(np.float32)).to(self.device)
@@ -118,20 +124,24 @@ class SliceRunner:
         kwargs = {"cache_keys": list(keys)} if self.prefix_cache and keys is not None else {}
         with runtime.autocast(self.device, self.amp, self.amp_dtype):
             out = self.model(image, box, modal_t, organ_t, **kwargs)
-        masks = binarize(out.masks.float())  # sigmoid > 0.5, as the evaluation
+        logits = out.masks.float()
+        masks = binarize(logits)  # sigmoid > 0.5, as the evaluation
         iou = out.iou_pred.float().cpu().numpy()
-        chosen = select_masks(masks, iou_pred=iou, mode=self.select)
+        chosen = select_masks(logits, iou_pred=iou, mode=self.select)  # the logits: some rules threshold them
         return masks[np.arange(len(chosen)), chosen], chosen, iou
 
     # ------------------------------------------------------------------ one case
     def segment(self, stack: SliceStack, objects: Sequence[PreparedObject], *, propagate: bool = False,
-                margin: int = 0, desc: str | None = None, progress: bool = True) -> list[dict[int, SliceOutput]]:
+                margin: int = 0, grow: int = PROPAGATE_GROW, desc: str | None = None,
+                progress: bool = True) -> list[dict[int, SliceOutput]]:
         """Every object's slices of one case -> per object, slice id -> :class:`SliceOutput`.
 
         Without ``propagate`` each slice with a box is one request, all batched. With it, each
-        object starts on the middle slice of its boxes (the user's box there) and proceeds outwards
-        one slice at a time in both directions, each slice's box the tight box (+ ``margin``) of its
-        neighbour's predicted mask, until the mask vanishes or the box's slice range ends.
+        object starts on the middle slice of its boxes (or on its seed slice, ``PreparedObject.start``)
+        with the user's box there and proceeds outwards one slice at a time in both directions, each
+        slice's box the tight box of its neighbour's predicted mask grown by ``margin + grow`` pixels
+        and kept inside the user's box on that slice (a seeded box bounds its seed slice only), until
+        the mask vanishes or the box's slice range ends.
         """
         images: dict[tuple, np.ndarray] = {}
 
@@ -165,7 +175,7 @@ class SliceRunner:
             if not propagate:
                 run([_Request(i, k, box) for i, o in enumerate(objects) for k, box in sorted(o.boxes.items())])
             else:
-                self._propagate(objects, results, run, margin)
+                self._propagate(objects, results, run, margin, grow)
                 bar.total = bar.n
                 bar.refresh()
         finally:
@@ -175,16 +185,18 @@ class SliceRunner:
         return results
 
     @staticmethod
-    def _propagate(objects: Sequence[PreparedObject], results: list[dict[int, SliceOutput]], run, margin: int) -> None:
+    def _propagate(objects: Sequence[PreparedObject], results: list[dict[int, SliceOutput]], run, margin: int,
+                   grow: int) -> None:
         start = []
         fronts: list[tuple[int, int, int, int]] = []  # object, step (+1/-1), last slice done, limit
+        whole = np.array([0, 0, TARGET_SIZE - 1, TARGET_SIZE - 1], dtype=np.float32)
         for i, o in enumerate(objects):
             if not o.boxes:
                 continue
             ks = sorted(o.boxes)
-            mid = ks[(len(ks) - 1) // 2]
-            start.append(_Request(i, mid, o.boxes[mid]))
-            fronts += [(i, +1, mid, ks[-1]), (i, -1, mid, ks[0])]
+            first = ks[(len(ks) - 1) // 2] if o.start is None else o.start
+            start.append(_Request(i, first, o.boxes[first]))
+            fronts += [(i, +1, first, ks[-1]), (i, -1, first, ks[0])]
         run(start)
         while True:
             requests, next_fronts = [], []
@@ -193,7 +205,9 @@ class SliceRunner:
                 k = done + step
                 if not previous.any() or (k - limit) * step > 0:
                     continue  # the object ended on the previous slice, or the box's range did
-                requests.append(_Request(i, k, plane_box(previous, margin)))
+                # a 3-D bounding box holds every slice; a box drawn on the seed slice only that one
+                bound = objects[i].boxes[k] if objects[i].start is None else whole
+                requests.append(_Request(i, k, follow_box(previous, bound, margin, grow)))
                 next_fronts.append((i, step, k, limit))
             if not requests:
                 return

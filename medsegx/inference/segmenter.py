@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from ..args import PROPAGATE_GROW
 from ..data.convert import parse_labels_map
 from ..data.presets import DEFAULT_PERCENTILES, parse_window
 from ..data.sources import read_label
@@ -42,7 +43,7 @@ class Segmenter:
     """A model ready to segment images with box prompts (see the module docstring)."""
 
     def __init__(self, model: nn.Module | OnnxModel, device: torch.device | str = "cpu", *, batch_size: int = 8,
-                 use_amp: bool = False, amp_dtype: str | None = None, select: str = "iou",
+                 use_amp: bool = False, amp_dtype: str | None = None, select: str | None = None,
                  progress: bool = False) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -86,7 +87,8 @@ class Segmenter:
     def segment(self, image: np.ndarray, box: Sequence[int] | None = None, *, modality: str,
                 task: str | None = None, prompt_mask: np.ndarray | None = None,
                 labels_map: str | Mapping | None = None, label: int = 1, propagate: bool = False,
-                box_margin: int = 0, window: str | tuple[float, float] | None = None,
+                propagate_grow: int = PROPAGATE_GROW, seed: int | None = None, box_margin: int = 0,
+                window: str | tuple[float, float] | None = None,
                 percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
         """Segment a numpy image; returns a uint8 label map of the image's spatial shape.
 
@@ -98,6 +100,8 @@ class Segmenter:
                 value (or per entry of ``labels_map``: ``"5:Liver,1:Spleen"`` or ``{5: "Liver"}``), boxes
                 from it per slice.
             label: the value written for ``box``'s object.
+            propagate, propagate_grow, seed: with a volume box, follow the object from slice to slice
+                (see :class:`~medsegx.inference.prompts.ObjectPrompt` for ``seed``).
             window, percentiles: intensity mapping as ``prepare_data.py`` (default: by modality and task).
         """
         array = np.asarray(image)
@@ -113,14 +117,16 @@ class Segmenter:
                 raise PromptError(f"prompt_mask must be a non-negative integer array of shape {spatial}, "
                                   f"got {mask.dtype} {mask.shape}")
         prediction = self._predict("image", sitk_image, Path("image"), box, mask, modality, task, labels_map,
-                                   label, propagate, box_margin, window, percentiles, "axial", "none")
+                                   label, propagate, box_margin, window, percentiles, "axial", "none",
+                                   propagate_grow, seed)
         return prediction.array
 
     # ------------------------------------------------------------------ a file in, a file out
     def segment_file(self, path: str | Path, box: Sequence[int] | None = None, *, modality: str,
                      task: str | None = None, out: str | Path | None = None,
                      prompt_mask: str | Path | None = None, labels_map: str | Mapping | None = None,
-                     label: int = 1, propagate: bool = False, box_margin: int = 0,
+                     label: int = 1, propagate: bool = False, propagate_grow: int = PROPAGATE_GROW,
+                     seed: int | None = None, box_margin: int = 0,
                      window: str | tuple[float, float] | None = None,
                      percentiles: tuple[float, float] = DEFAULT_PERCENTILES, axis: str = "axial",
                      orient: str = "LPS", log: str | Path | None = None,
@@ -135,7 +141,7 @@ class Segmenter:
         image = read_case_image(path)
         mask = read_label(prompt_mask, image, path) if prompt_mask is not None else None
         prediction = self._predict(case_name(path), image, path, box, mask, modality, task, labels_map, label,
-                                   propagate, box_margin, window, percentiles, axis, orient)
+                                   propagate, box_margin, window, percentiles, axis, orient, propagate_grow, seed)
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             write_image_atomic(prediction.image, out)
@@ -146,17 +152,19 @@ class Segmenter:
         return prediction
 
     def _predict(self, case: str, image: sitk.Image, source: Path, box, mask, modality, task, labels_map, label,
-                 propagate, box_margin, window, percentiles, axis, orient) -> CasePrediction:
+                 propagate, box_margin, window, percentiles, axis, orient,
+                 propagate_grow: int = PROPAGATE_GROW, seed: int | None = None) -> CasePrediction:
         if (box is None) == (mask is None):
             raise PromptError("give exactly one prompt: box=... or prompt_mask=...")
         prompts = None
         if box is not None:
-            prompts = [ObjectPrompt(label=check_label(label, "label"), box=parse_box(list(box), "box"))]
+            prompts = [ObjectPrompt(label=check_label(label, "label"), box=parse_box(list(box), "box"), seed=seed)]
         if isinstance(labels_map, (str, Mapping)):
             labels_map = parse_labels_map(labels_map)
         if isinstance(window, str):
             window = parse_window(window)
         opts = PredictOptions(modality=modality, task=task, window=window, percentiles=tuple(percentiles),
-                              axis=axis, orient=orient, propagate=propagate, box_margin=int(box_margin),
+                              axis=axis, orient=orient, propagate=propagate, propagate_grow=int(propagate_grow),
+                              box_margin=int(box_margin),
                               labels_map=labels_map)
         return predict_case(self.runner, case, image, source, prompts, opts, mask, progress=self.progress)

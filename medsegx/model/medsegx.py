@@ -27,11 +27,28 @@ from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
 
 
 class MedSegXOutput(NamedTuple):
-    """masks: ``B x 3 x 256 x 256`` logits; iou_pred: ``B x 3``; gates: ``n_adapted x B x E``."""
+    """masks: ``B x K x 256 x 256`` logits; iou_pred: ``B x K``; gates: ``n_adapted x B x E``.
+
+    K outputs as the config's ``mask_outputs`` says: 3 (tokens 1..3), 1 (token 0) or 4 (tokens 0..3).
+    """
 
     masks: torch.Tensor
     iou_pred: torch.Tensor
     gates: torch.Tensor
+
+
+def run_mask_decoder(decoder: nn.Module, mask_outputs: str, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask decoder's outputs that ``mask_outputs`` names, with their IoU predictions.
+
+    "multimask": tokens 1..3 and "single": token 0 (segment-anything's ``multimask_output`` True /
+    False); "all": every token 0..3 (``predict_masks``, which the stock forward slices). ``inputs``:
+    the decoder's ``image_embeddings``, ``image_pe``, ``sparse_prompt_embeddings``, ``dense_prompt_embeddings``.
+    """
+    if mask_outputs == "all":
+        return decoder.predict_masks(**inputs)
+    if mask_outputs not in ("multimask", "single"):
+        raise ValueError(f"mask_outputs must be 'multimask', 'single' or 'all', got {mask_outputs!r}")
+    return decoder(**inputs, multimask_output=mask_outputs == "multimask")
 
 
 class MedSegXImageEncoder(ImageEncoderViT):
@@ -177,14 +194,14 @@ class MedSegX(Sam):
         return MedSegXOutput(masks, iou_pred, gates)
 
     def decode(self, embeddings: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder + mask decoder: the 3 multimask outputs and their IoU predictions (mask token 0
-        alone when the config says ``mask_outputs="single"``)."""
+        """Prompt encoder + mask decoder: the outputs the config's ``mask_outputs`` names (default the
+        paper's 3 multimask outputs, tokens 1..3) and their IoU predictions."""
         sparse, dense = self.prompt_encoder(points=None, boxes=box.to(embeddings.dtype), masks=None)
         config = getattr(self, "config", None)
-        return self.mask_decoder(
+        return run_mask_decoder(
+            self.mask_decoder, config.mask_outputs if config is not None else "multimask",
             image_embeddings=embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=config is None or config.mask_outputs == "multimask",
         )

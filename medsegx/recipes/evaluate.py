@@ -108,4 +108,5 @@ def to_slice_result(r: dict[str, Any], record: Any) -> reports.SliceResult:
         dsc_oracle=r["dsc_oracle"], dsc_iou=r["dsc_iou"], dsc_first=r["dsc_first"], hd95_mm=r.get("hd_mm"),
         case=record.case_id,
         intersection=r["intersection"], pred_size=r["pred_size"], gt_size=r["gt_size"],
-        skipped=r.get("skipped"), index=r["index"])
+        skipped=r.get("skipped"), index=r["index"], dsc_outputs=r.get("dsc_all"),
+        dsc_modes={m: r[f"dsc_{m}"] for m in r["modes"]} if "modes" in r else None, output_scores=r.get("scores"))

@@ -19,6 +19,7 @@ from ..engine import evaluate, make_eval_loader, mean_dsc
 from ..errors import UserError
 from ..fileio import atomic_write_set, atomic_write_text, ensure_writable_dir
 from ..model.checkpoint import atomic_save, checkpoint_state, torch_load
+from ..model.config import default_select
 from .common import model_from_args, train_run
 
 RESULT = "result.json"  # a finished (site, ratio) run's scores
@@ -28,16 +29,22 @@ logger = logging.getLogger(__name__)
 
 
 def _score(args: argparse.Namespace, records: Any, weights: str | Path | None) -> dict[str, float]:
-    """Mean DSC (oracle and honest IoU selection) of ``weights`` on ``records``."""
+    """Mean DSC (the backbone's default selection, :func:`_selection`, and the honest IoU selection) of
+    ``weights`` on ``records``."""
     info = runtime.dist_info()
     model = model_from_args(args, info.device, weights, for_training=False)
     dataset = MedSegDataset(records, train=False, seed=args.seed, strict=args.strict)
     loader = make_eval_loader(dataset, args.val_batch_size or max(1, args.batch_size // info.world_size),
                               args.num_workers)
     results = evaluate(model, loader, device=info.device, amp=args.use_amp, amp_dtype=args.amp_dtype,
-                       metrics=("dsc",), desc="test")
+                       select=_selection(args), metrics=("dsc",), desc="test")
     del model
     return {"dsc": mean_dsc(results), "dsc_iou": mean_dsc(results, "dsc_iou"), "n": len(results)}
+
+
+def _selection(args: argparse.Namespace) -> str:
+    """The selection the summary's numbers use: the evaluation default of the backbone (SAM: the paper's oracle)."""
+    return default_select(args.model_type, evaluation=True)
 
 
 def plan_sites(args: argparse.Namespace, catalog: Any) -> list[dict[str, Any]]:
@@ -181,8 +188,9 @@ def write_summary(rows: list[dict[str, Any]], output_dir: Path, args: argparse.N
     writer.writeheader()
     writer.writerows(rows)
     lines = [f"# fine-tuning summary ({args.shift_type}, {args.model_type})", "",
-             f"Test split: inference/; validation: {args.validation} (by case). Mean DSC, oracle selection (the "
-             "paper's); in brackets the label-free IoU-head selection. Backbone: adapters at zero; zero-shot: the "
+             f"Test split: inference/; validation: {args.validation} (by case). Mean DSC, {_selection(args)} selection"
+             + (" (the paper's)" if _selection(args) == "oracle" else " (label-free)")
+             + "; in brackets the label-free IoU-head selection. Backbone: adapters at zero; zero-shot: the "
              "starting weights (--resume); fine-tuned: the run's chosen checkpoint; final: model_final.pth, the "
              "better of fine-tuned and starting point on the validation split.", "",
              "| site | data ratio | train slices | test slices | backbone | zero-shot | fine-tuned | kept | final | "

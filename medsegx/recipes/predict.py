@@ -164,6 +164,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
     out = Path(args.output)
     if args.propagate and args.prompt_mask is not None:
         raise PredictError("--propagate starts from a box (--box or --prompts), not from --prompt_mask")
+    if args.seed_slice is not None and (args.box is None or not args.propagate):
+        raise PredictError("--seed_slice is where --propagate starts from --box; it needs --box and --propagate")
     if args.labels_map is not None and args.prompt_mask is None:
         raise PredictError("--labels_map selects values of --prompt_mask; it needs --prompt_mask")
     labels_map = None
@@ -222,7 +224,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
             continue
         job = Job(name, path, output, prompt_mask=masks[name], reference=references[name])
         if box is not None:
-            job.objects = [ObjectPrompt(label=args.label, box=box)]
+            job.objects = [ObjectPrompt(label=args.label, box=box, seed=args.seed_slice)]
         elif by_case is not None:
             job.objects = by_case[name]
         for obj in job.objects or ():
@@ -257,7 +259,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         return []
     opts = PredictOptions(
         modality=args.modality, task=args.task, window=_window(args.window), percentiles=tuple(args.percentiles),
-        axis=args.axis, orient=args.orient, propagate=args.propagate, box_margin=args.box_margin,
+        axis=args.axis, orient=args.orient, propagate=args.propagate, propagate_grow=args.propagate_grow,
+        box_margin=args.box_margin,
         labels_map=parse_labels_map(args.labels_map) if args.labels_map else None,
     )
     if args.compile:
@@ -278,7 +281,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     model_info = {"model_type": args.model_type, "model_weight": args.model_weight, "backend": args.backend,
                   "onnx_dir": args.onnx_dir, "select": args.select,
                   "use_amp": bool(args.use_amp), "batch_size": args.batch_size, "device": str(info.device),
-                  "propagate": args.propagate, "box_margin": args.box_margin, "git": runtime.git_revision()}
+                  "propagate": args.propagate, "propagate_grow": args.propagate_grow,
+                  "box_margin": args.box_margin, "git": runtime.git_revision()}
     written = []
     for job in jobs:
         image = read_case_image(job.image)
