@@ -54,3 +54,38 @@ def synthetic_batch(batch: int, seed: int = 0, device: str = "cpu") -> dict:
         "index": torch.arange(batch),
     }
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+
+def machine_header() -> str:
+    """The line every benchmark prints first: CPU model, native bf16 yes/no (``medsegx.runtime``'s detection,
+    the one the commands log), CPUs, torch and its threads."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from medsegx.runtime import cpu_info
+
+    return (f"# {cpu_info().describe()}; {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s)")
+
+
+def matmul_gflops(dtype, n: int = 1024, seconds: float = 1.0, clock=None) -> float:
+    """This machine's rate for an ``n^3`` matrix product in ``dtype`` (GFLOP/s, best of ~``seconds`` of calls,
+    timed by ``clock``, default ``time.perf_counter``): the yardstick the encoder's rate is compared with in
+    the same run."""
+    import time
+
+    clock = clock or time.perf_counter
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up (oneDNN/MKL kernel selection)
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        t0 = clock()
+        torch.mm(a, b, out=out)
+        dt = clock() - t0
+        best, spent = min(best, dt), spent + dt
+    return 2 * n**3 / best / 1e9

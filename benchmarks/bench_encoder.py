@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import CONFIGS as _ALL_CONFIGS  # noqa: E402
-from _common import Config, pin_threads_from_argv  # noqa: E402
+from _common import Config, machine_header, pin_threads_from_argv  # noqa: E402
 
 pin_threads_from_argv()  # before torch starts its thread pool
 
@@ -185,6 +185,7 @@ def main(args: argparse.Namespace) -> None:
         return
     configs = [CONFIGS[k] for k in args.configs]
     clock = _clock(args.clock)
+    print(machine_header(), flush=True)
     print(f"# {args.model}, torch {torch.__version__}, threads={torch.get_num_threads()}, clock={args.clock}, "
           f"median of {args.repeats} alternating repeats; ratios vs {configs[0].name} in this run", flush=True)
 

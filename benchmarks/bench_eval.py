@@ -56,6 +56,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_header  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "evaluate_internal.py"
 GNU_TIME = Path("/usr/bin/time")
@@ -246,6 +249,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> None:
 
     rss_how = ("/usr/bin/time -f %M (ru_maxrss of the child: its largest single process)" if GNU_TIME.exists()
                else "polling VmHWM of /proc/<pid>/status every 20 ms (the main process)")
+    print(machine_header(), flush=True)
     print(f"# evaluate_internal.py end to end: {args.model_type}, {n} slices of {id_dir}, batch {args.batch_size}, "
           f"num_workers {args.num_workers}, --threads {args.threads} (OMP_NUM_THREADS={args.threads}), "
           f"torch {torch.__version__}", flush=True)

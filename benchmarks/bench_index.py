@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
+from _common import machine_header  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["CT_Liver", "MRI_Prostate", "CT_LeftKidney", "Endoscope_Polyp", "US_BreastCancer", "Fundus_RetinalVessel",
@@ -93,6 +95,7 @@ def main(args: argparse.Namespace) -> None:
     if args.phase:
         run_phase(root, args.phase, args.workers)
         return
+    print(machine_header(), flush=True)
     build_tree(root, args.n, args.per_folder)
     results = {}
     for phase in ("first", "cached"):

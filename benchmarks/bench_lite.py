@@ -18,9 +18,14 @@ Printed per batch: images/s, ratio vs the baseline of the same batch, and the re
 each configuration's image embedding against the baseline's (fast == stock to float rounding; bf16
 within its precision). Also printed: per-image speed at the largest batch vs batch 1 per configuration.
 
+Also printed: each configuration's share of this machine's matrix-product rate measured in the same
+run (a 1024^3 ``torch.mm``, best of 1 s, in fp32 for the fp32 configurations and in bf16 for the bf16
+ones, with the same clock, before each batch and at the end), crediting every configuration with the
+fast path's work (``torch.utils.flop_counter``: ~72.5 GFLOP per image).
+
 bf16 is only fast on CPUs with native bf16 matrix units (AVX512-BF16 / AMX); elsewhere oneDNN
 emulates it and it is many times slower than fp32, so the bf16 configurations are left out of the
-default set on such a CPU (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``; name them to run them anyway).
+default set on such a CPU (``medsegx.runtime.native_bf16()``; name them to run them anyway).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lite.py                      # batches 1 8, 5 repeats
     python benchmarks/bench_lite.py --batches 1 --configs medsam fast fast-bf16 --repeats 3
@@ -32,7 +37,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import pin_threads_from_argv  # noqa: E402
+from _common import machine_header, matmul_gflops, pin_threads_from_argv  # noqa: E402
 
 pin_threads_from_argv()  # before torch starts its thread pool
 
@@ -66,10 +71,23 @@ CONFIGS = {
 
 
 def native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    from medsegx.runtime import native_bf16 as detected
+
+    return bool(detected())
+
+
+def encoder_gflop() -> float:
+    """GFLOP of one 256x256 image through the fast encoder (matrix products, convolutions and attention on
+    the real tokens, counted by ``torch.utils.flop_counter``): the work every configuration is credited with."""
+    from torch.utils import flop_counter
+
+    encoder = build_lite().image_encoder.eval()
+    # torch has no formula for the CPU flash-attention kernel: SDPA's own count of its shapes
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+               lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v)}
+    with torch.inference_mode(), flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        encoder(torch.rand(1, 3, 256, 256), torch.tensor([1]), torch.tensor([[1, 4, 17, 59]]))
+    return counter.get_total_flops() / 1e9
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -109,7 +127,8 @@ def _load() -> str:
     return " ".join(path.read_text().split()[:3]) if path.exists() else "n/a"
 
 
-def bench_batch(encoders: Encoders, configs: list[LiteConfig], batch: int, repeats: int, clock) -> dict[str, float]:
+def bench_batch(encoders: Encoders, configs: list[LiteConfig], batch: int, repeats: int, clock,
+                gflop: float = 0.0, rates: dict | None = None) -> dict[str, float]:
     """Median seconds per call of each configuration at ``batch``; prints rates, ratios and errors."""
     g = torch.Generator().manual_seed(batch)
     image = torch.rand(batch, 3, 256, 256, generator=g)
@@ -129,8 +148,12 @@ def bench_batch(encoders: Encoders, configs: list[LiteConfig], batch: int, repea
         rate = batch / secs[cfg.name]
         err = ((outputs[cfg.name] - ref).norm() / ref.norm()).item()
         tag = " (baseline)" if cfg is base else f"  rel. error vs {base.name} {err:.1e}"
+        share = ""
+        if rates:
+            kind = "bf16" if cfg.bf16 else "fp32"
+            share = f"  {100 * rate * gflop / rates[kind]:4.0f}% of the {kind} product rate"
         print(f"encoder batch {batch:>3}  {cfg.name:<12} {rate:7.3f} img/s  x{rate * secs[base.name] / batch:5.2f}"
-              f"  [{', '.join(f'{t:.2f}' for t in times[cfg.name])} s]{tag}", flush=True)
+              f"{share}  [{', '.join(f'{t:.2f}' for t in times[cfg.name])} s]{tag}", flush=True)
     return secs
 
 
@@ -139,12 +162,24 @@ def main(args: argparse.Namespace) -> None:
     keys = args.configs or (["medsam", "no-fast", "fast"] + (["medsam-bf16", "fast-bf16"] if native_bf16() else []))
     configs = [CONFIGS[k] for k in keys]
     clock = _clock(args.clock)
+    print(machine_header(), flush=True)
     print(f"# lite image encoder, torch {torch.__version__}, threads={torch.get_num_threads()}, clock={args.clock}, "
           f"native bf16: {native_bf16()}, median of {args.repeats} alternating repeats; ratios vs "
           f"{configs[0].name} at the same batch in this run", flush=True)
     print(f"# load average at start: {_load()}", flush=True)
+    gflop = encoder_gflop()
+    start = {"fp32": matmul_gflops(torch.float32, clock=clock), "bf16": matmul_gflops(torch.bfloat16, clock=clock)}
+    print(f"# matrix-product rate (1024^3, best of 1 s, {torch.get_num_threads()} thread(s)) at start ({args.clock} clock): fp32 "
+          f"{start['fp32']:.1f} GFLOP/s, bf16 {start['bf16']:.1f} GFLOP/s; encoder work {gflop:.1f} GFLOP per image "
+          "(fast path; credited to every configuration)", flush=True)
     encoders = Encoders()
-    per_batch = {batch: bench_batch(encoders, configs, batch, args.repeats, clock) for batch in args.batches}
+    per_batch = {}
+    for batch in args.batches:
+        rates = {"fp32": matmul_gflops(torch.float32, clock=clock), "bf16": matmul_gflops(torch.bfloat16, clock=clock)}
+        rates = {k: max(v, start[k]) for k, v in rates.items()}  # the best seen so far: the share is not flattered
+        per_batch[batch] = bench_batch(encoders, configs, batch, args.repeats, clock, gflop, rates)
+    end = {"fp32": matmul_gflops(torch.float32, clock=clock), "bf16": matmul_gflops(torch.bfloat16, clock=clock)}
+    print(f"# matrix-product rate at end: fp32 {end['fp32']:.1f} GFLOP/s, bf16 {end['bf16']:.1f} GFLOP/s", flush=True)
     small, large = min(args.batches), max(args.batches)
     if large != small:
         for cfg in configs:

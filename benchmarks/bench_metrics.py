@@ -35,8 +35,10 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import machine_header  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -290,6 +292,7 @@ def main(args: argparse.Namespace) -> None:
         run_peak(args.peak, args)
         return
     sd = load_surface_distance()
+    print(machine_header(), flush=True)
     print(f"threads: 1 (OMP/MKL/OpenBLAS_NUM_THREADS=1, torch.set_num_threads(1)); median of {args.repeats} "
           f"alternating repeats; NSD tolerance {args.tolerance} (pixels in 2-D, mm in 3-D)")
     for kind in args.sets:

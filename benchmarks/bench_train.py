@@ -39,7 +39,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import CONFIGS as _ALL_CONFIGS  # noqa: E402
-from _common import Config, pin_threads_from_argv, synthetic_batch  # noqa: E402
+from _common import Config, machine_header, pin_threads_from_argv, synthetic_batch  # noqa: E402
 
 pin_threads_from_argv()  # before torch starts its thread pool
 
@@ -220,6 +220,7 @@ def main(args: argparse.Namespace) -> None:
         memory_child(args.memory_child, args.batch)
         return
     configs = [(key, CONFIGS[key]) for key in args.configs]
+    print(machine_header(), flush=True)
     print(f"# training step (train_one_epoch: forward, Dice+BCE, backward, AdamW), torch {torch.__version__}, "
           f"threads={torch.get_num_threads()}, median of {args.repeats} alternating steps after a warm-up; "
           f"ratios vs {configs[0][1].name} in this run", flush=True)

@@ -329,8 +329,10 @@ def main(args: argparse.Namespace) -> None:
     res = Results(out)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (--cpu-smoke)"
     print(f"GPU: {gpu}", flush=True)
+    print(_common.machine_header(), flush=True)
     res.add("Machine", [
         f"- GPU: {gpu}",
+        f"- {_common.machine_header().lstrip('# ')}",
         f"- torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
         f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else 'n/a'}",
         f"- python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.platform()}",

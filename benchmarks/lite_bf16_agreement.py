@@ -18,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import pin_threads_from_argv  # noqa: E402
+from _common import machine_header, pin_threads_from_argv  # noqa: E402
 
 pin_threads_from_argv()
 
@@ -81,8 +81,9 @@ def main(args: argparse.Namespace) -> None:
     files = sorted(args.root.rglob("npy_imgs/*.npy"))
     if args.limit:
         files = files[:: max(1, len(files) // args.limit)]
+    print(machine_header(), flush=True)
     print(f"# {len(files)} slices under {args.root}; {'stock' if args.no_fast else 'fast'} path, "
-          f"threads={torch.get_num_threads()}, native bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}", flush=True)
+          f"threads={torch.get_num_threads()}, ", flush=True)
     scores = []
     for path in files:
         item = slice_input(path)

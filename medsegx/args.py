@@ -400,6 +400,20 @@ def _percentiles(text: str) -> tuple[float, float]:
     return lower, upper
 
 
+def _check_backend(args: argparse.Namespace) -> str | None:
+    if args.backend == "onnx":
+        if args.onnx_dir is None:
+            return "argument --backend onnx: needs --onnx_dir (the folder 'medsegx export --format onnx' wrote)"
+        given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--model_weight", args.model_weight))
+                 if value is not None]
+        if given:
+            return (f"argument {given[0]}: not used with --backend onnx (the weights are in the ONNX files; "
+                    "export them with 'medsegx export ... --model_weight W')")
+    elif args.onnx_dir is not None:
+        return "argument --onnx_dir: only with --backend onnx"
+    return None
+
+
 def _one_device_runtime(run: argparse._ArgumentGroup) -> None:
     """The runtime flags of prediction and the server: one device, mixed precision, CPU threads."""
     run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
@@ -413,7 +427,8 @@ def _one_device_runtime(run: argparse._ArgumentGroup) -> None:
 def predict_parser(prog: str | None = None) -> Parser:
     from .data.presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS, WINDOW_PRESETS
 
-    p = Parser(prog=prog, description=PREDICT_DESCRIPTION, checks=[lambda args: _resolve_select(args, evaluation=False)])
+    p = Parser(prog=prog, description=PREDICT_DESCRIPTION,
+               checks=[lambda args: _resolve_select(args, evaluation=False), _check_backend])
     p.add_argument("-i", "--input", required=True, help="image file, DICOM series folder, or a folder of cases")
     p.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
     p.add_argument("--modality", required=True, help="taxonomy modality or alias: CT, CTA, MRI, US, Dermoscopy, ...")
@@ -464,6 +479,10 @@ def predict_parser(prog: str | None = None) -> Parser:
     _model_group(p)
     p.add_argument("--model_weight", default=None,
                    help="MedSegX checkpoint; omitted = the backbone alone with adapters at zero")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                   help="torch: build the model here; onnx: run the files of 'medsegx export --format onnx' with "
+                        "onnxruntime (needs --onnx_dir and the extra: pip install 'medsegx[onnx]')")
+    p.add_argument("--onnx_dir", default=None, help="with --backend onnx: the folder 'medsegx export' wrote")
     run = p.add_argument_group("runtime")
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward")
     _one_device_runtime(run)
@@ -525,4 +544,29 @@ def serve_parser(prog: str | None = None) -> Parser:
     _one_device_runtime(run)
     run.add_argument("--seed", type=int, default=0, help="random seed")
     run.add_argument("--debug", action="store_true", help="show tracebacks for startup errors")
+    return p
+
+
+def export_parser(prog: str | None = None) -> Parser:
+    p = Parser(prog=prog, description="""Export a MedSegX model for deployment outside PyTorch.
+
+    medsegx export --model_type lite --format onnx -o lite_onnx/
+    medsegx export --model_type vit_b --checkpoint ./playground/SAM \\
+        --model_weight ./playground/MedSegX/medsegx_vit_b.pth --format onnx -o vit_b_onnx/
+    python predict.py --backend onnx --onnx_dir lite_onnx/ --model_type lite -i ct.nii.gz -o out/ ...
+
+Writes image_encoder.onnx (image, modal, organ -> embeddings, gates), prompt_decoder.onnx
+(embeddings, box -> masks, iou_pred) and medsegx_onnx.json (input size, normalisation, names and
+shapes, the model config, opset, versions, and the onnxruntime-vs-torch check of the export).
+Needs the extra: pip install 'medsegx[onnx]'.""")
+    _model_group(p)
+    p.add_argument("--model_weight", default=None,
+                   help="MedSegX checkpoint; omitted = the backbone alone with adapters at zero")
+    p.add_argument("--format", required=True, choices=["onnx"], help="what to write")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
+    p.add_argument("--opset", type=_number(int, 17, what="an ONNX opset >= 17"), default=18, help="ONNX opset")
+    p.add_argument("--overwrite", action="store_true", help="replace an export already in the folder")
+    p.add_argument("--no_check", action="store_true", help="skip the onnxruntime-vs-torch check after writing")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of user errors too")
     return p

@@ -7,6 +7,7 @@
     medsegx predict ...             = python predict.py ...
     medsegx prepare ...             = python prepare_data.py ...
     medsegx serve --model_type lite --root scans/   (a web viewer and API, docs/SERVE.md)
+    medsegx export --model_type lite --format onnx -o lite_onnx/
     medsegx params --model_type vit_b
     medsegx compare A.csv B.csv --labels zero-shot ConMoAE
 
@@ -74,6 +75,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             cli_args.prepare_parser, "medsegx.recipes.prepare:run", "prepare_data.py"),
     Command("serve", "a viewer in the browser and a JSON API: draw boxes, correct, save labels",
             cli_args.serve_parser, "medsegx.recipes.serve:run"),
+    Command("export", "write a model for deployment outside PyTorch (ONNX encoder + decoder and a JSON)",
+            cli_args.export_parser, "medsegx.recipes.export:run"),
     Command("params", "trainable parameters of a model type, by part", cli_args.params_parser,
             "medsegx.recipes.tools:params"),
     Command("compare", "per-task DSC of two report CSVs", cli_args.compare_parser, "medsegx.recipes.tools:compare"),

@@ -269,15 +269,131 @@ def setup(args: Any, output_dir: Path | None) -> DistInfo:
     seed_everything(getattr(args, "seed", 0), info.rank)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    log_machine()
+    if getattr(args, "use_amp", False):
+        args.use_amp = amp_allowed(info.device, True)  # recorded as resolved (run_info.json, logs)
     if output_dir is not None:
         write_run_info(args, output_dir)
     logger.info("device %s, world size %d", info.device, info.world_size)
     return info
 
 
+# --------------------------------------------------------------------------- the CPU and bf16
+@dataclass(frozen=True)
+class CpuInfo:
+    """What decides whether bfloat16 is fast here: the CPU model and its bf16 instructions."""
+
+    model: str
+    capability: str                 # torch's vectorisation level (torch.backends.cpu.get_cpu_capability())
+    avx512_bf16: bool | None        # None: could not be determined
+    amx_bf16: bool | None
+    source: str                     # where the two flags came from: "torch" (cpuinfo), "/proc/cpuinfo", "unknown"
+
+    @property
+    def native_bf16(self) -> bool | None:
+        """AVX512-BF16 or AMX-BF16 present (True), both absent (False), unknown (None)."""
+        if self.avx512_bf16 or self.amx_bf16:
+            return True
+        if self.avx512_bf16 is None or self.amx_bf16 is None:
+            return None
+        return False
+
+    def describe(self) -> str:
+        units = [name for name, present in (("AVX512-BF16", self.avx512_bf16), ("AMX-BF16", self.amx_bf16)) if present]
+        native = {True: f"yes ({', '.join(units)})", False: "no (bf16 is emulated)", None: "unknown"}[self.native_bf16]
+        return f"CPU {self.model} (torch capability {self.capability}), native bf16: {native}"
+
+
+def parse_cpuinfo(text: str) -> tuple[str | None, set[str]]:
+    """The model name and the flags of the first processor of a ``/proc/cpuinfo`` text."""
+    model, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def detect_cpu(cpuinfo_text: str | None = None, torch_probe: bool = True) -> CpuInfo:
+    """Detect the CPU: the bf16 units from torch's cpuinfo probes (``torch.cpu._is_avx512_bf16_supported``,
+    ``_is_amx_tile_supported``) where this torch has them, else from the ``/proc/cpuinfo`` flags
+    (``avx512_bf16``, ``amx_bf16``). oneDNN's own ``_is_mkldnn_bf16_supported`` is not used: it is also
+    True on AVX-512 CPUs without bf16 instructions, where oneDNN emulates bf16."""
+    import platform
+
+    if cpuinfo_text is None:
+        try:
+            cpuinfo_text = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo_text = ""
+    model, flags = parse_cpuinfo(cpuinfo_text)
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    avx512_bf16 = amx_bf16 = None
+    source = "unknown"
+    probe_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None) if torch_probe else None
+    probe_amx = getattr(torch.cpu, "_is_amx_tile_supported", None) if torch_probe else None
+    if probe_bf16 is not None and probe_amx is not None:
+        try:
+            avx512_bf16, amx_bf16, source = bool(probe_bf16()), bool(probe_amx()), "torch"
+        except RuntimeError:
+            avx512_bf16 = amx_bf16 = None
+    if source == "unknown" and flags:
+        avx512_bf16, amx_bf16, source = "avx512_bf16" in flags, "amx_bf16" in flags, "/proc/cpuinfo"
+    return CpuInfo(model or platform.processor() or platform.machine() or "unknown", capability, avx512_bf16,
+                   amx_bf16, source)
+
+
+_CPU: CpuInfo | None = None
+
+
+def cpu_info() -> CpuInfo:
+    """This machine's :class:`CpuInfo` (detected once per process)."""
+    global _CPU
+    if _CPU is None:
+        _CPU = detect_cpu()
+    return _CPU
+
+
+def native_bf16() -> bool | None:
+    """Whether this CPU runs bfloat16 natively (AVX512-BF16 / AMX); None if it cannot be told."""
+    return cpu_info().native_bf16
+
+
+def log_machine() -> None:
+    """The CPU model and native bf16 yes/no in the log (every command's setup says it)."""
+    logger.info("%s, torch %s, %d thread(s)", cpu_info().describe(), torch.__version__, torch.get_num_threads())
+
+
+_WARNED: set[str] = set()
+
+
+def amp_allowed(device: torch.device | str, requested: bool) -> bool:
+    """The one decision of mixed precision. CUDA: as requested. CPU (autocast is bf16 there): only where
+    bf16 is native; without it ``--use_amp`` warns once and stays float32 (emulated bf16 measured up to 7x
+    slower than float32, docs/PERFORMANCE.md). Unknown: as requested."""
+    if not requested:
+        return False
+    if torch.device(device).type != "cpu":
+        return True
+    if native_bf16() is False:
+        if "amp" not in _WARNED:
+            _WARNED.add("amp")
+            logger.warning("--use_amp: %s; bf16 would be emulated and several times slower than float32, so this "
+                           "run stays in float32 (docs/PERFORMANCE.md)", cpu_info().describe())
+        return False
+    return True
+
+
 def autocast(device: torch.device, enabled: bool, dtype: str | None = "float16") -> contextlib.AbstractContextManager:
-    """Mixed precision: fp16 on CUDA (with a GradScaler), bf16 on CPU or CUDA; a no-op when disabled."""
-    if not enabled:
+    """Mixed precision: fp16 on CUDA (with a GradScaler), bf16 on CPU or CUDA; a no-op when disabled, and on
+    a CPU without native bf16 (:func:`amp_allowed`)."""
+    if not amp_allowed(device, enabled):
         return contextlib.nullcontext()
     torch_dtype = resolve_amp_dtype(device, dtype)
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
@@ -287,7 +403,7 @@ def resolve_amp_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
     if dtype in (None, "float16", "fp16") and device.type == "cuda":
         return torch.float16
     if dtype in (None, "float16", "fp16"):
-        # CPU autocast supports bf16 (fast here); fp16 on CPU would be slow and lossy
+        # CPU autocast supports bf16 (fast where native); fp16 on CPU would be slow and lossy
         return torch.bfloat16
     if dtype in ("bfloat16", "bf16"):
         return torch.bfloat16

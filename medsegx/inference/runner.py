@@ -57,14 +57,6 @@ def retain_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
-def native_bf16() -> bool | None:
-    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 / AMX); None if torch cannot say."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return None
-
-
 @dataclass
 class SliceOutput:
     """The model's answer for one object on one slice (256 grid)."""
@@ -107,10 +99,14 @@ class SliceRunner:
         self.batch_size = batch_size
         self.amp, self.amp_dtype, self.select = amp, amp_dtype, select
         self.prefix_cache = bool(getattr(model, "supports_prefix_cache", False))
-        if amp and self.device.type == "cpu" and native_bf16() is False:
-            logger.warning("--use_amp: this CPU has no native bfloat16 (torch's CPU capability: %s); bf16 is emulated "
-                           "and several times slower than float32 (docs/PERFORMANCE.md); leave --use_amp off here",
-                           torch.backends.cpu.get_cpu_capability())
+        # The backend: a torch model, or anything called the same way (model(image, box, modal, organ) ->
+        # MedSegXOutput), such as the onnxruntime model of medsegx.inference.onnx_backend.
+        self.backend = getattr(model, "backend", "torch")
+        if amp and self.backend != "torch":
+            logger.warning("--use_amp does not apply to the %s backend (its graphs are float32): ignored", self.backend)
+            self.amp = False
+        else:
+            self.amp = runtime.amp_allowed(self.device, amp)  # a CPU without native bf16 stays float32
 
     @torch.inference_mode()
     def forward(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], modal: Sequence[int],

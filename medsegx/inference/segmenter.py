@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,11 +35,14 @@ from .case import (
 from .prompts import ObjectPrompt, PromptError, case_name, check_label, parse_box
 from .runner import SliceRunner
 
+if TYPE_CHECKING:
+    from .onnx_backend import OnnxModel
+
 
 class Segmenter:
     """A model ready to segment images with box prompts (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, batch_size: int = 8,
+    def __init__(self, model: nn.Module | OnnxModel, device: torch.device | str = "cpu", *, batch_size: int = 8,
                  use_amp: bool = False, amp_dtype: str | None = None, select: str | None = None,
                  progress: bool = False) -> None:
         self.device = torch.device(device)
@@ -50,17 +54,33 @@ class Segmenter:
     @classmethod
     def load(cls, model_type: str = "lite", *, checkpoint: str | Path | None = None,
              weights: str | Path | None = None, device: str | torch.device | None = None, fast: bool = True,
+             backend: str = "torch", onnx_dir: str | Path | None = None, threads: int | None = None,
              **kwargs) -> Segmenter:
         """Build ``model_type`` (``lite``, ``vit_b``, ...) with its base weights (``checkpoint``: the
         folder or file of Meta's SAM weights; not needed for ``lite``) and MedSegX ``weights``.
 
-        ``device`` defaults to the first GPU if there is one; other keyword arguments go to
-        :class:`Segmenter` (``batch_size``, ``use_amp``, ``select``, ``progress``).
+        ``backend="onnx"``: run the files of ``medsegx export --format onnx -o onnx_dir`` with
+        onnxruntime instead (the weights are in them; ``model_type`` must be the exported one;
+        ``threads``: onnxruntime's, default torch's). ``device`` defaults to the first GPU if there
+        is one; other keyword arguments go to :class:`Segmenter` (``batch_size``, ``use_amp``,
+        ``select``, ``progress``).
         """
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if backend == "onnx":
+            from .onnx_backend import OnnxModel, OnnxModelError
+
+            if onnx_dir is None:
+                raise OnnxModelError("backend='onnx' needs onnx_dir (a folder written by 'medsegx export --format onnx')")
+            if checkpoint is not None or weights is not None:
+                raise OnnxModelError("backend='onnx': the weights are in the ONNX files; export them with "
+                                     "'medsegx export --checkpoint ... --model_weight ...' instead")
+            return cls(OnnxModel.load(onnx_dir, model_type=model_type, threads=threads, device=device), device,
+                       **kwargs)
+        if backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         from ..model import build_model
 
         model = build_model(model_type, checkpoint=checkpoint, model_weight=weights, fast=fast)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model, device, **kwargs)
 
     # ------------------------------------------------------------------ numpy in, numpy out

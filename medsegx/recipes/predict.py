@@ -267,12 +267,19 @@ def run(args: argparse.Namespace) -> list[Path]:
         logger.warning("--compile is not used by prediction (the prefix cache and varying batches recompile)")
     if info.device.type == "cpu" and retain_freed_memory():
         logger.info("glibc keeps freed memory for reuse (MEDSEGX_MALLOC_TUNING=0 turns this off)")
-    model = model_from_args(args, info.device, args.model_weight, for_training=False)
-    if args.model_weight is None:
-        logger.warning("no --model_weight: the %s backbone alone (ConMoAE adapters at zero)", args.model_type)
+    if args.backend == "onnx":
+        from ..inference.onnx_backend import OnnxModel
+
+        model = OnnxModel.load(args.onnx_dir, model_type=args.model_type, threads=args.threads, device=info.device)
+        logger.info("backend onnx: %s (weights %s)", model, model.meta.get("source", {}).get("model_weight"))
+    else:
+        model = model_from_args(args, info.device, args.model_weight, for_training=False)
+        if args.model_weight is None:
+            logger.warning("no --model_weight: the %s backbone alone (ConMoAE adapters at zero)", args.model_type)
     runner = SliceRunner(model, info.device, batch_size=args.batch_size, amp=args.use_amp,
                          amp_dtype=args.amp_dtype, select=args.select)
-    model_info = {"model_type": args.model_type, "model_weight": args.model_weight, "select": args.select,
+    model_info = {"model_type": args.model_type, "model_weight": args.model_weight, "backend": args.backend,
+                  "onnx_dir": args.onnx_dir, "select": args.select,
                   "use_amp": bool(args.use_amp), "batch_size": args.batch_size, "device": str(info.device),
                   "propagate": args.propagate, "propagate_grow": args.propagate_grow,
                   "box_margin": args.box_margin, "git": runtime.git_revision()}
