@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from ..data.errors import ConversionError, DataError
 from ..data.intensity import to_display
 from ..data.presets import DEFAULT_PERCENTILES
-from ..data.sources import IMAGE2D_EXTENSIONS, read_image
+from ..data.sources import IMAGE2D_EXTENSIONS, VOLUME_EXTENSIONS, read_image
 from ..data.volume import SliceStack, slice_stack, stack_intensity, stack_to_image
 from .prompts import (
     NPY_EXTENSION,
@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 # the choice among the model's outputs (SAM: three; lite: one): never the label (no "oracle" here)
 # 2-D formats without a physical pixel size: distances are reported in pixels
 PIXEL_ONLY_EXTENSIONS = (*IMAGE2D_EXTENSIONS, NPY_EXTENSION)
+# every single-file input a case can be (DICOM series are folders)
+CASE_EXTENSIONS = (*VOLUME_EXTENSIONS, *IMAGE2D_EXTENSIONS, NPY_EXTENSION)
 
 
 @dataclass

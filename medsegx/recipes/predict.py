@@ -18,8 +18,6 @@ from ..data.convert import parse_labels_map
 from ..data.errors import ConversionError
 from ..data.presets import parse_window
 from ..data.sources import (
-    IMAGE2D_EXTENSIONS,
-    VOLUME_EXTENSIONS,
     check_image_dimensions,
     check_label_geometry,
     find_images,
@@ -29,6 +27,7 @@ from ..data.sources import (
 from ..data.taxonomy import load_taxonomy
 from ..errors import UserError
 from ..inference.case import (
+    CASE_EXTENSIONS,
     PIXEL_ONLY_EXTENSIONS,
     PredictOptions,
     describe_scores,
@@ -52,7 +51,6 @@ from ..inference.prompts import (
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_FILES = (*VOLUME_EXTENSIONS, *IMAGE2D_EXTENSIONS, NPY_EXTENSION)
 
 
 class PredictError(UserError, ValueError):
@@ -84,8 +82,8 @@ def list_inputs(spec: str) -> tuple[list[tuple[str, Path]], list[tuple[Path, str
     if not root.exists():
         raise PredictError(f"{root}: no such file or folder")
     if root.is_file():
-        if not root.name.lower().endswith(SUPPORTED_FILES):
-            raise PredictError(f"{root}: not an image file (supported: {' '.join(SUPPORTED_FILES)})")
+        if not root.name.lower().endswith(CASE_EXTENSIONS):
+            raise PredictError(f"{root}: not an image file (supported: {' '.join(CASE_EXTENSIONS)})")
         return [(case_name(root), root)], []
     try:
         found = find_images(root)
@@ -99,7 +97,7 @@ def list_inputs(spec: str) -> tuple[list[tuple[str, Path]], list[tuple[Path, str
         if entry in found or entry.name.startswith("."):
             continue
         why = "a folder without a DICOM series" if entry.is_dir() else \
-            f"not an image file (supported: {' '.join(SUPPORTED_FILES)})"
+            f"not an image file (supported: {' '.join(CASE_EXTENSIONS)})"
         ignored.append((entry, why))
     if not found:
         raise PredictError(f"{root}: no image or DICOM series found")

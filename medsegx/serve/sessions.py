@@ -33,11 +33,12 @@ import SimpleITK as sitk
 from ..data.errors import ConversionError
 from ..data.intensity import intensity_bounds, to_display
 from ..data.presets import HU_MODALITIES, default_window, parse_window
-from ..data.sources import IMAGE2D_EXTENSIONS, VOLUME_EXTENSIONS, check_image_dimensions
+from ..data.sources import check_image_dimensions
 from ..data.taxonomy import load_taxonomy
 from ..data.volume import orientation_plan, slice_stack
 from ..errors import UserError
 from ..inference.case import (
+    CASE_EXTENSIONS,
     PredictOptions,
     _stored_slice_index,
     output_suffix,
@@ -47,7 +48,6 @@ from ..inference.case import (
     write_json_atomic,
 )
 from ..inference.prompts import (
-    NPY_EXTENSION,
     PROPAGATE_GROW,
     ObjectPrompt,
     case_name,
@@ -58,8 +58,7 @@ from ..inference.prompts import (
 
 logger = logging.getLogger(__name__)
 
-OPENABLE = (*VOLUME_EXTENSIONS, *IMAGE2D_EXTENSIONS, NPY_EXTENSION)
-UPLOADABLE = tuple(ext for ext in OPENABLE if ext not in (".mhd", ".nhdr"))  # single-file formats
+UPLOADABLE = tuple(ext for ext in CASE_EXTENSIONS if ext not in (".mhd", ".nhdr"))  # single-file formats
 UNDO_DEPTH = 30
 _SEGMENT_FIELDS = {"box", "z", "label", "modality", "task", "propagate", "seed", "propagate_grow", "window"}
 # the numpy axis of the stored array that is z -> the canonical slicing axis that runs along it
@@ -400,8 +399,8 @@ class SessionStore:
         if self.root is None:
             raise ApiError(403, "path: this server was started without --root; upload the file instead")
         path = resolve_under(self.root, relative)
-        if path.is_file() and not path.name.lower().endswith(OPENABLE):
-            raise ApiError(400, f"path {relative!r}: not an image file (supported: {' '.join(OPENABLE)})")
+        if path.is_file() and not path.name.lower().endswith(CASE_EXTENSIONS):
+            raise ApiError(400, f"path {relative!r}: not an image file (supported: {' '.join(CASE_EXTENSIONS)})")
         name = str(path.relative_to(self.root))
         return self._add(case_name(path), path, name, lambda: read_case_image(path))
 
@@ -466,7 +465,7 @@ class SessionStore:
         for folder, dirs, files in os.walk(self.root, followlinks=False):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
-                if name.startswith(".") or not name.lower().endswith(OPENABLE):
+                if name.startswith(".") or not name.lower().endswith(CASE_EXTENSIONS):
                     continue
                 path = Path(folder) / name
                 resolved = path.resolve()
