@@ -10,17 +10,16 @@ import math
 from collections.abc import Callable, Sequence
 
 from .model.config import (
-    LABEL_FREE_MODES,
     LITE_BOX_JITTER,
     LITE_SELECT,
     MASK_OUTPUTS,
     MODEL_TYPES,
     PAPER_BOX_JITTER,
     SAM_SELECT,
-    SELECTION_MODES,
     default_box_jitter,
     default_select,
 )
+from .selection import LABEL_FREE_MODES, SELECTION_MODES
 
 SAM_DIR_DEFAULT = "./playground/SAM"
 # Selections that never look at a label (prediction has none).

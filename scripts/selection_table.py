@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medsegx.model.config import LABEL_FREE_MODES, LITE_SELECT  # noqa: E402
+from medsegx.model.config import LITE_SELECT  # noqa: E402
+from medsegx.selection import LABEL_FREE_MODES  # noqa: E402
 
 # (title, report folder under OUT): the order of the table; sets whose report is missing are left out.
 SETS = [

@@ -1,4 +1,4 @@
-"""ONNX export (medsegx.model.onnx_export) and the onnxruntime backend (medsegx.inference.onnx_backend).
+"""ONNX export (medsegx.model.onnx_export) and the onnxruntime backend (medsegx.model.onnx_runtime).
 
 The tiny model (``vit_tiny``) with random adapters and context tables (so the gates depend on the
 context rows) is exported once per module (~20 s); onnxruntime then has to give the torch model's
@@ -22,7 +22,6 @@ pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip i
 
 from medsegx import cli  # noqa: E402
 from medsegx.errors import UserError  # noqa: E402
-from medsegx.inference.onnx_backend import OnnxModel, OnnxModelError, read_meta  # noqa: E402
 from medsegx.inference.segmenter import Segmenter  # noqa: E402
 from medsegx.model import build_model  # noqa: E402
 from medsegx.model.onnx_export import (  # noqa: E402
@@ -34,6 +33,7 @@ from medsegx.model.onnx_export import (  # noqa: E402
     export_onnx,
     normalise,
 )
+from medsegx.model.onnx_runtime import OnnxModel, OnnxModelError, read_meta  # noqa: E402
 
 # Logits this close to 0 may fall on either side of the threshold by float rounding alone.
 THRESHOLD_BAND = 1e-4

@@ -100,7 +100,7 @@ class SliceRunner:
         self.amp, self.amp_dtype, self.select = amp, amp_dtype, select
         self.prefix_cache = bool(getattr(model, "supports_prefix_cache", False))
         # The backend: a torch model, or anything called the same way (model(image, box, modal, organ) ->
-        # MedSegXOutput), such as the onnxruntime model of medsegx.inference.onnx_backend.
+        # MedSegXOutput), such as the onnxruntime model of medsegx.model.onnx_runtime.
         self.backend = getattr(model, "backend", "torch")
         if amp and self.backend != "torch":
             logger.warning("--use_amp does not apply to the %s backend (its graphs are float32): ignored", self.backend)

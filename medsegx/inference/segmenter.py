@@ -36,7 +36,7 @@ from .prompts import ObjectPrompt, PromptError, case_name, check_label, parse_bo
 from .runner import SliceRunner
 
 if TYPE_CHECKING:
-    from .onnx_backend import OnnxModel
+    from ..model.onnx_runtime import OnnxModel
 
 
 class Segmenter:
@@ -67,7 +67,7 @@ class Segmenter:
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if backend == "onnx":
-            from .onnx_backend import OnnxModel, OnnxModelError
+            from ..model.onnx_runtime import OnnxModel, OnnxModelError
 
             if onnx_dir is None:
                 raise OnnxModelError("backend='onnx' needs onnx_dir (a folder written by 'medsegx export --format onnx')")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..model.config import LABEL_FREE_MODES, SELECTION_MODES
+from ..selection import LABEL_FREE_MODES, SELECTION_MODES
 from ._inputs import SpacingLike, as_mask_batch, to_numpy
 from .dice import count_true, dice_from_counts
 from .surface import hd95, nsd

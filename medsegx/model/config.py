@@ -19,12 +19,7 @@ PAPER_BOX_JITTER = 20
 LITE_BOX_JITTER = 5
 
 
-# Which output a box gets (``--select``). The label-free rules are implemented in medsegx/metrics/select.py;
-# their names live here so that the command-line parsers need no torch. "oracle" looks at the label
-# (the paper's evaluation protocol), the others never do.
-LABEL_FREE_MODES = ("iou", "first", "stability", "agreement", "iou_stable", "first_stable", "first_confident",
-                    "first_consensus")
-SELECTION_MODES = ("oracle", *LABEL_FREE_MODES)
+# Which output a box gets (``--select``): the names are medsegx.selection's, the rules medsegx/metrics/select.py's.
 # The default label-free choice per backbone (docs/GENERALISATION.md, "Choosing the output without a label").
 LITE_SELECT = "first_consensus"
 SAM_SELECT = "iou"

@@ -24,7 +24,6 @@ onnx, onnxruntime and onnxscript are the optional extra ``onnx`` (``pip install 
 from __future__ import annotations
 
 import datetime
-import importlib
 import io
 import json
 import logging
@@ -33,35 +32,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
+from .onnx_runtime import (  # noqa: F401  (the format's names, owned by the reader)
+    DECODER_FILE,
+    ENCODER_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    OnnxModel,
+    OnnxUnavailableError,
+    normalise,
+    require,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "medsegx-onnx"
-FORMAT_VERSION = 1
-META_FILE = "medsegx_onnx.json"
-ENCODER_FILE = "image_encoder.onnx"
-DECODER_FILE = "prompt_decoder.onnx"
 DEFAULT_OPSET = 18
 EXPORT_BATCH = 2  # traced with two images (a batch of one could be taken for a constant)
 MAX_BATCH = 4096
-
-
-class OnnxUnavailableError(UserError, ImportError):
-    """onnx / onnxruntime / onnxscript is not installed."""
-
-
-def require(module: str, purpose: str) -> Any:
-    """``import module`` or a one-line error naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise OnnxUnavailableError(f"{purpose} needs the Python package {module!r}: pip install 'medsegx[onnx]' "
-                                   "(onnx, onnxruntime, onnxscript)") from None
 
 
 # --------------------------------------------------------------------------- what the graphs expect
@@ -75,20 +65,6 @@ def normalisation(model: nn.Module) -> dict:
     std = [float(v) for v in model.pixel_std.flatten()]
     return {"kind": "mean_std", "mean": mean, "std": std,
             "text": "per channel: (x - mean) / std on 0..255 RGB (SAM's pixel mean and std)"}
-
-
-def normalise(image: np.ndarray, spec: Mapping) -> np.ndarray:
-    """The encoder input of ``image`` (``B x 3 x H x W`` float32, 0..255) by the JSON's ``normalisation``;
-    the same float32 operations as the torch models' ``preprocess``."""
-    image = np.asarray(image, dtype=np.float32)
-    if spec["kind"] == "mean_std":
-        mean = np.asarray(spec["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(spec["std"], dtype=np.float32).reshape(1, -1, 1, 1)
-        return (image - mean) / std
-    if spec["kind"] == "divide_if_max_above_1":
-        scale = image.reshape(image.shape[0], -1).max(axis=1) > 1
-        return np.where(scale[:, None, None, None], image / np.float32(spec["divisor"]), image)
-    raise ValueError(f"unknown normalisation {spec['kind']!r}")
 
 
 class _EncoderGraph(nn.Module):
@@ -220,8 +196,6 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, source: Mapping[str, A
 def check_export(model: nn.Module, encoder: bytes, decoder: bytes, meta: Mapping) -> dict:
     """Run the exported graphs on fresh random inputs with onnxruntime against the torch model (its own
     path, fast by default): relative error of the embeddings, largest logit difference, masks equal."""
-    from ..inference.onnx_backend import OnnxModel
-
     example = _example_inputs(model, batch=EXPORT_BATCH, seed=1)
     runner = OnnxModel.from_bytes(encoder, decoder, meta, threads=torch.get_num_threads())
     with torch.no_grad():

@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     if info.device.type == "cpu" and retain_freed_memory():
         logger.info("glibc keeps freed memory for reuse (MEDSEGX_MALLOC_TUNING=0 turns this off)")
     if args.backend == "onnx":
-        from ..inference.onnx_backend import OnnxModel
+        from ..model.onnx_runtime import OnnxModel
 
         model = OnnxModel.load(args.onnx_dir, model_type=args.model_type, threads=args.threads, device=info.device)
         logger.info("backend onnx: %s (weights %s)", model, model.meta.get("source", {}).get("model_weight"))

@@ -5,13 +5,14 @@
 (``model(image 0..255, box, modal, organ) -> MedSegXOutput``), so
 :class:`~medsegx.inference.runner.SliceRunner` runs it through the same prediction pipeline:
 only the forward differs (same preprocessing of the scan, same output selection, same write-back).
-The image normalisation is the JSON's (:func:`~medsegx.model.onnx_export.normalise`).
+The image normalisation is the JSON's (:func:`normalise`).
 
 Not available on this backend: the lite prefix cache (one graph per encoder; each (slice, object)
 runs the whole encoder), ``--use_amp`` (the graphs are float32).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Mapping
@@ -22,19 +23,43 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..model.config import MODEL_TYPES, ModelConfig
-from ..model.medsegx import MedSegXOutput
-from ..model.onnx_export import (
-    DECODER_FILE,
-    ENCODER_FILE,
-    FORMAT,
-    FORMAT_VERSION,
-    META_FILE,
-    normalise,
-    require,
-)
+from .config import MODEL_TYPES, ModelConfig
+from .medsegx import MedSegXOutput
 
 logger = logging.getLogger(__name__)
+
+FORMAT = "medsegx-onnx"
+FORMAT_VERSION = 1
+META_FILE = "medsegx_onnx.json"
+ENCODER_FILE = "image_encoder.onnx"
+DECODER_FILE = "prompt_decoder.onnx"
+
+
+class OnnxUnavailableError(UserError, ImportError):
+    """onnx / onnxruntime / onnxscript is not installed."""
+
+
+def require(module: str, purpose: str) -> Any:
+    """``import module`` or a one-line error naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise OnnxUnavailableError(f"{purpose} needs the Python package {module!r}: pip install 'medsegx[onnx]' "
+                                   "(onnx, onnxruntime, onnxscript)") from None
+
+
+def normalise(image: np.ndarray, spec: Mapping) -> np.ndarray:
+    """The encoder input of ``image`` (``B x 3 x H x W`` float32, 0..255) by the JSON's ``normalisation``;
+    the same float32 operations as the torch models' ``preprocess``."""
+    image = np.asarray(image, dtype=np.float32)
+    if spec["kind"] == "mean_std":
+        mean = np.asarray(spec["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(spec["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        return (image - mean) / std
+    if spec["kind"] == "divide_if_max_above_1":
+        scale = image.reshape(image.shape[0], -1).max(axis=1) > 1
+        return np.where(scale[:, None, None, None], image / np.float32(spec["divisor"]), image)
+    raise ValueError(f"unknown normalisation {spec['kind']!r}")
 
 
 class OnnxModelError(UserError, ValueError):
