@@ -95,3 +95,41 @@ def test_light_data_modules_import_no_heavy_package(module, heavy):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def _house_plan() -> dict[str, set[str]]:
+    """docs/ARCHITECTURE.md's table: each row's modules or packages -> the names its last column allows."""
+    import re
+
+    plan = {}
+    for line in (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| `") or len(cells) < 3:
+            continue
+        allowed = {f"medsegx.{n}" for n in re.findall(r"`([\w.]+)`", cells[-1])}
+        for name in re.findall(r"`([\w.]+)/?`", cells[0]):
+            plan["medsegx" if name == "medsegx" else f"medsegx.{name}"] = allowed
+    return plan
+
+
+def _row_of(module: str, plan: dict[str, set[str]]) -> str | None:
+    for key in sorted(plan, key=len, reverse=True):
+        if module == key or module.startswith(key + ".") and key != "medsegx":
+            return key
+    return "medsegx" if module == "medsegx" else None
+
+
+def test_every_import_is_one_the_architecture_table_allows():
+    plan, graph = _house_plan(), _graph()
+    assert "medsegx.inference" in plan and "medsegx.serve" in plan and "medsegx.selection" in plan
+    unplaced = sorted(m for m in graph if _row_of(m, plan) is None)
+    assert not unplaced, f"modules in no row of docs/ARCHITECTURE.md: {unplaced}"
+    wrong = {}
+    for module, deps in graph.items():
+        row = _row_of(module, plan)
+        for dep in deps:
+            if _row_of(dep, plan) == row:
+                continue  # within its own package or row
+            if not any(dep == a or dep.startswith(a + ".") for a in plan[row]):
+                wrong.setdefault(module, []).append(dep)
+    assert not wrong, f"imports docs/ARCHITECTURE.md does not allow: {wrong}"
