@@ -34,10 +34,10 @@ CT_LABEL = ("data", "volumes", "ct_abdomen_small_label.nii.gz")
 ORGANS = "5:Liver,1:Spleen,2:RightKidney,3:LeftKidney"
 # the middle four of the slices (0..18) on which all four organs are present
 SLAB = slice(7, 11)
-# 3-D DSC of LiteMedSAM on SLAB with boxes from the labels, the lite default (four tokens, first_consensus):
-# measured 0.6576 / 0.9790 / 0.9171 / 0.9336 (token 0 alone, README "Segment your own scan": 0.8009 for the
-# liver, the rest the same; docs/GENERALISATION.md); the floors sit 0.03 below.
-LITE_SLAB_DSC_FLOOR = {5: 0.62, 1: 0.94, 2: 0.88, 3: 0.90}
+# 3-D DSC of LiteMedSAM on SLAB with boxes from the labels, the lite default (token 0 of four, LiteMedSAM's own
+# output): measured 0.8009 / 0.9790 / 0.9171 / 0.9336 (README "Segment your own scan"; with --select
+# first_consensus the liver falls to 0.6576, docs/GENERALISATION.md); the floors sit a little below.
+LITE_SLAB_DSC_FLOOR = {5: 0.77, 1: 0.94, 2: 0.88, 3: 0.90}
 
 
 @pytest.fixture(autouse=True)
@@ -124,10 +124,8 @@ def test_lite_reaches_the_readme_dsc_in_the_input_geometry(tmp_path):
     assert scores[5]["dsc"] == pytest.approx(liver, abs=1e-9)
     for obj in log["objects"]:
         assert obj["slices_predicted"] == 4 and [s["z_index"] for s in obj["slices"]] == [0, 1, 2, 3]
-        # lite offers the four mask tokens; first_consensus (its default) keeps LiteMedSAM's token 0 unless
-        # token 0 is in doubt, and then takes token 1 (docs/GENERALISATION.md)
-        assert all(s["output"] in (0, 1) and len(s["iou_pred"]) == 4 for s in obj["slices"])
-        assert all(s["output"] == 0 for s in obj["slices"] if s["iou_pred"][0] >= 0.88)
+        # lite offers the four mask tokens; its default ("first") takes LiteMedSAM's own, token 0
+        assert all(s["output"] == 0 and len(s["iou_pred"]) == 4 for s in obj["slices"])
     assert (out / "slab_overlay.png").stat().st_size > 10_000
 
 
@@ -506,19 +504,20 @@ def test_segment_numpy_2d_and_3d():
 
 
 def test_default_selection_follows_the_backbone():
-    """--select / Segmenter(select=None): the backbone's label-free default (lite: first_consensus over its four
-    tokens; SAM: the IoU head); evaluation of SAM backbones keeps the paper's oracle."""
+    """--select / Segmenter(select=None): the backbone's label-free default (lite: token 0 of its four, LiteMedSAM's
+    own output; SAM: the IoU head); evaluation of SAM backbones keeps the paper's oracle."""
     import evaluate_internal
     from medsegx.model.config import model_config
 
     model = BrightInBox()
     model.config = model_config("lite")
-    assert Segmenter(model).runner.select == "first_consensus"
+    assert Segmenter(model).runner.select == "first"
     model.config = model_config("vit_b")
     assert Segmenter(model).runner.select == "iou"
     base = ["-i", "x", "-o", "y", "--modality", "CT", "--box", "1", "1", "2", "2"]
-    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite"]).select == "first_consensus"
-    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite", "--select", "first"]).select == "first"
+    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite"]).select == "first"
+    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite", "--select", "first_consensus"]
+                                            ).select == "first_consensus"
     evaluation = evaluate_internal.get_args_parser()
-    assert evaluation.parse_args(["--data_path", "x", "--model_type", "lite"]).select == "first_consensus"
+    assert evaluation.parse_args(["--data_path", "x", "--model_type", "lite"]).select == "first"
     assert evaluation.parse_args(["--data_path", "x"]).select == "oracle"  # vit_b: the published protocol

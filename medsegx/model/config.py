@@ -21,7 +21,7 @@ LITE_BOX_JITTER = 5
 
 # Which output a box gets (``--select``): the names are medsegx.selection's, the rules medsegx/metrics/select.py's.
 # The default label-free choice per backbone (docs/GENERALISATION.md, "Choosing the output without a label").
-LITE_SELECT = "first_consensus"
+LITE_SELECT = "first"
 SAM_SELECT = "iou"
 
 
