@@ -413,6 +413,14 @@ def _check_backend(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _label_free_select(group: argparse._ArgumentGroup) -> None:
+    """``--select`` of prediction and the server: a label-free rule, the backbone's default when not given."""
+    group.add_argument("--select", default=None, choices=LABEL_FREE_SELECTION,
+                       help=f"which output, never by the label (default: {LITE_SELECT} for lite, {SAM_SELECT} for "
+                            "SAM backbones): iou = highest predicted IoU, first = output 0; the other rules: "
+                            "docs/GENERALISATION.md")
+
+
 def _one_device_runtime(run: argparse._ArgumentGroup) -> None:
     """The runtime flags of prediction and the server: one device, mixed precision, CPU threads."""
     run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
@@ -466,10 +474,7 @@ def predict_parser(prog: str | None = None) -> Parser:
     pre.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
     pre.add_argument("--orient", default="LPS", choices=ORIENTATIONS, help="re-order volumes to LPS before slicing")
     out = p.add_argument_group("output")
-    out.add_argument("--select", default=None, choices=LABEL_FREE_SELECTION,
-                     help=f"which output, never by the label (default: {LITE_SELECT} for lite, {SAM_SELECT} for SAM "
-                          "backbones): iou = highest predicted IoU, first = output 0, stability / agreement / "
-                          "iou_stable / first_stable: see docs/GENERALISATION.md")
+    _label_free_select(out)
     out.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png")
     out.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
     out.add_argument("--reference", default=None,
@@ -518,7 +523,8 @@ def _check_serve(args: argparse.Namespace) -> str | None:
 
 
 def serve_parser(prog: str | None = None) -> Parser:
-    p = Parser(prog=prog, description=SERVE_DESCRIPTION, checks=[_check_serve])
+    p = Parser(prog=prog, description=SERVE_DESCRIPTION,
+               checks=[lambda args: _resolve_select(args, evaluation=False), _check_serve])
     p.add_argument("--root", default=None,
                    help="folder whose images the page may open by path (nothing outside it); omitted: uploads only")
     p.add_argument("--output_dir", default="./medsegx-labels",
@@ -536,9 +542,7 @@ def serve_parser(prog: str | None = None) -> Parser:
     p.add_argument("--model_weight", default=None,
                    help="MedSegX checkpoint; omitted = the backbone alone with adapters at zero")
     run = p.add_argument_group("runtime")
-    run.add_argument("--select", default=None, choices=LABEL_FREE_SELECTION,
-                     help=f"which output, never by the label (default: {LITE_SELECT} for lite, {SAM_SELECT} for SAM "
-                          "backbones; as predict.py)")
+    _label_free_select(run)
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward (propagation, 3-D boxes)")
     _one_device_runtime(run)
     run.add_argument("--seed", type=int, default=0, help="random seed")

@@ -231,7 +231,7 @@ class LiteImageEncoder(nn.Module):
         if fast != self.fast:
             self.clear_prefix_cache()
         self.fast = fast
-        if getattr(self, "_disk", None) is not None:
+        if self._disk is not None:
             self._disk.digest = self._prefix_digest()
         for adapter in self.adapters:
             adapter.batched_experts = fast

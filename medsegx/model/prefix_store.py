@@ -22,11 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
 ENTRY_SUFFIX = ".prefix.pt"
+
+
+class PrefixCacheError(UserError, OSError):
+    """The cache folder cannot be used (a one-line error before any work)."""
 
 
 def prefix_digest(modules: Iterable[nn.Module], n_steps: int, fast: bool) -> str:
@@ -49,7 +54,7 @@ class PrefixStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise OSError(f"prefix cache folder {self.root}: cannot create it ({err.strerror or err})") from None
+            raise PrefixCacheError(f"--prefix_cache_dir {self.root}: cannot create it ({err.strerror or err})") from None
         self.digest = digest
         self.stats = {"read": 0, "written": 0}
 

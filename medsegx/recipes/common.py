@@ -62,10 +62,9 @@ def model_from_args(args: argparse.Namespace, device: torch.device,
     if (getattr(args, "prefix_cache", False) or disk) and hasattr(model, "enable_prefix_cache"):
         # training keeps every slice in memory across epochs; an evaluation sees each slice once
         model.enable_prefix_cache(max_items=None if for_training else 0, disk_dir=disk)
+        kept = (["in memory"] if for_training else []) + ([f"in {disk} for every later run"] if disk else [])
         logger.info("prefix cache on: the frozen layers before the first adapter run once per slice, "
-                    "%.1f MB per slice kept %s", model.prefix_cache_bytes_per_item() / 2**20,
-                    ("in memory" if for_training else "") + (f"{' and ' if for_training else ''}in {disk} "
-                                                             "for every later run" if disk else ""))
+                    "%.1f MB per slice kept %s", model.prefix_cache_bytes_per_item() / 2**20, " and ".join(kept))
     elif disk:
         logger.warning("--prefix_cache_dir: %s has no frozen-prefix cache (lite only); ignored", args.model_type)
     if args.compile:
