@@ -113,6 +113,9 @@ def _model_group(p: argparse.ArgumentParser) -> None:
                    help="multimask: 3 outputs, mask tokens 1..3 (the paper's; default for SAM backbones); single: "
                         "mask token 0 (LiteMedSAM trained only that token); all: tokens 0..3, every one a "
                         "candidate for --select (the loss stays on the trained tokens)")
+    g.add_argument("--decoder_adapters", action=argparse.BooleanOptionalAction, default=None,
+                   help="context-gated adapters in the mask decoder (beyond the paper; a task no training saw gets "
+                        "exactly the backbone's decoder; default off, a checkpoint keeps its own)")
     g.add_argument("--no_fast", action="store_true",
                    help="use the stock segment-anything attention instead of the exact fast path")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start on CPU)")
@@ -127,6 +130,7 @@ def model_hparams(args: argparse.Namespace) -> dict:
         "adapted_blocks": tuple(args.adapted_blocks) if args.adapted_blocks else None,
         "adapter_dropout": args.adapter_dropout,
         "mask_outputs": getattr(args, "mask_outputs", None),
+        "decoder_adapters": getattr(args, "decoder_adapters", None),
     }
 
 
@@ -212,6 +216,9 @@ def train_parser(description: str, finetune: bool, prog: str | None = None) -> P
     p.add_argument("--weight_decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
     p.add_argument("--freeze_decoder", action="store_true",
                    help="train the adapters and context embeddings only (the mask decoder keeps its weights)")
+    p.add_argument("--freeze_encoder_adapters", action="store_true",
+                   help="keep the image encoder's ConMoAE as it is (the backbone's features at the start): with "
+                        "--decoder_adapters only the decoder adapters and the context tables learn")
     p.add_argument("--decoder_lr", type=positive_float, default=None,
                    help="learning rate of the mask decoder (default: --lr)")
     p.add_argument("--box_jitter", type=non_negative_int, default=None,

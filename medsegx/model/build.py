@@ -18,6 +18,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import MODEL_TYPES, ModelConfig, model_config
+from .decoder_adapters import attach_decoder_adapters
 from .freeze import apply_freeze_policy
 from .medsegx import KeepResMaskDecoder, MedSegX, MedSegXImageEncoder
 
@@ -65,6 +66,7 @@ def build_sam256(cfg: ModelConfig, fast: bool = True) -> MedSegX:
     )
     model = MedSegX(encoder, prompt_encoder, decoder, list(cfg.pixel_mean), list(cfg.pixel_std))
     model.config = cfg
+    attach_decoder_adapters(model, cfg)
     encoder.set_fast(fast)
     return model
 
@@ -79,6 +81,7 @@ def build_model(
     fast: bool = True,
     train_iou_head: bool = False,
     train_decoder: bool = True,
+    train_encoder_adapters: bool = True,
     **hparams,
 ) -> nn.Module:
     """Build a MedSegX model, load base weights and MedSegX weights, freeze by policy.
@@ -110,7 +113,8 @@ def build_model(
     model = MODEL_REGISTRY[cfg.model_type](cfg, fast, checkpoint)
     if weights is not None:
         ckpt.load_medsegx_weights(model, weights, name=weights_name)
-    apply_freeze_policy(model, train_iou_head=train_iou_head, train_decoder=train_decoder)
+    apply_freeze_policy(model, train_iou_head=train_iou_head, train_decoder=train_decoder,
+                        train_encoder_adapters=train_encoder_adapters)
     return model
 
 

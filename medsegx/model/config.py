@@ -76,6 +76,10 @@ class ModelConfig:
     adapted_blocks: tuple[int, ...] | None = None
     adapter_dropout: float = 0.1
     adapter_scale: float = 0.1
+    # Context-gated adapters in the mask decoder (beyond the paper; medsegx/model/decoder_adapters.py): two
+    # mixtures of experts per decoder layer, weighted linearly by the task's context row, so a task no
+    # training saw gets exactly the backbone's decoder. Off for SAM backbones (the paper's model).
+    decoder_adapters: bool = False
     # "multimask": the 3 outputs are mask tokens 1..3 (SAM's ambiguity tokens; the paper's MedSegX).
     # "single": one output, mask token 0 (LiteMedSAM's only trained token: its multimask tokens were never
     # trained and give uncalibrated logits, see docs/GENERALISATION.md).

@@ -63,7 +63,7 @@ class ContextEmbedding(nn.Module):
             nn.init.zeros_(table.weight)
 
 
-def _lookup(table: nn.Embedding, index: torch.Tensor) -> torch.Tensor:
+def lookup_rows(table: nn.Embedding, index: torch.Tensor) -> torch.Tensor:
     """Rows of ``table`` for ``B`` indices; ``NEUTRAL_ROW`` gives a zero vector.
 
     The neutral entries still look row 0 up and zero it, so the table stays in
@@ -102,10 +102,10 @@ def embed_context(
     if organ.dim() != 2 or organ.shape[1] != NUM_ORGAN_LEVELS:
         raise ValueError(f"organ must be B x {NUM_ORGAN_LEVELS} [body part, subregion, organ, task], got {tuple(organ.shape)}")
     root = torch.zeros_like(organ[:, 0])
-    levels = [organ_embed[0](root)] + [_lookup(organ_embed[i + 1], organ[:, i]) for i in range(NUM_ORGAN_LEVELS - 1)]
+    levels = [organ_embed[0](root)] + [lookup_rows(organ_embed[i + 1], organ[:, i]) for i in range(NUM_ORGAN_LEVELS - 1)]
     return AdapterContext(
         organ_levels=torch.stack(levels, dim=0),
-        task=_lookup(organ_embed[NUM_ORGAN_LEVELS], organ[:, NUM_ORGAN_LEVELS - 1]),
+        task=lookup_rows(organ_embed[NUM_ORGAN_LEVELS], organ[:, NUM_ORGAN_LEVELS - 1]),
         modal=modal_embed(modal),
     )
 

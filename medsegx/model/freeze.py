@@ -5,23 +5,29 @@ import torch
 from torch import nn
 
 
-def is_trainable_name(name: str, train_iou_head: bool = False, train_decoder: bool = True) -> bool:
+def is_trainable_name(name: str, train_iou_head: bool = False, train_decoder: bool = True,
+                      train_encoder_adapters: bool = True) -> bool:
     """The freeze policy: adapters, context embeddings and the mask decoder train; nothing else.
 
     The IoU head trains only when it has a loss (``--iou_loss_weight > 0``): an
     unused trainable parameter breaks DDP. ``train_decoder=False`` (``--freeze_decoder``)
     trains the adapters and context embeddings alone (the IoU head still trains if asked).
+    ``train_encoder_adapters=False`` (``--freeze_encoder_adapters``) keeps the image encoder's ConMoAE
+    as it is (at zero: the backbone's features), so only the decoder adapters and the tables learn.
     """
     if name.startswith("mask_decoder.iou_prediction_head."):
         return train_iou_head
     if name.startswith("mask_decoder."):
         return train_decoder
+    if name.startswith("image_encoder.") and "adapter" in name:
+        return train_encoder_adapters
     return "adapter" in name or ".modal_embed." in name or ".organ_embed." in name
 
 
-def apply_freeze_policy(model: nn.Module, train_iou_head: bool = False, train_decoder: bool = True) -> None:
+def apply_freeze_policy(model: nn.Module, train_iou_head: bool = False, train_decoder: bool = True,
+                        train_encoder_adapters: bool = True) -> None:
     for name, param in model.named_parameters():
-        param.requires_grad_(is_trainable_name(name, train_iou_head, train_decoder))
+        param.requires_grad_(is_trainable_name(name, train_iou_head, train_decoder, train_encoder_adapters))
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

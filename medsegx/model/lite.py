@@ -52,6 +52,7 @@ from torch import nn
 
 from .config import LITE_IMG_SIZE, NUM_LITE_BLOCKS, ModelConfig, lite_config
 from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
+from .decoder_adapters import attach_decoder_adapters, decoder_context
 from .freeze import apply_freeze_policy
 from .lite_fast import LiteFastPath
 from .medsegx import MedSegXOutput, run_mask_decoder
@@ -493,7 +494,7 @@ class LiteMedSegX(nn.Module):
         if box.dim() != 2 or box.shape != (image.shape[0], 4):
             raise ValueError(f"box must be B x 4 (one box per image), got {tuple(box.shape)}")
         embeddings, gates = self.encode(image, modal, organ, cache_keys=cache_keys)
-        masks, iou_pred = self.decode(embeddings, box, multimask_output=multimask_output)
+        masks, iou_pred = self.decode(embeddings, box, multimask_output=multimask_output, organ=organ)
         return MedSegXOutput(masks, iou_pred, gates)
 
     def encode(
@@ -508,7 +509,8 @@ class LiteMedSegX(nn.Module):
         return self.image_encoder(self.preprocess(image), modal, organ, cache_keys=cache_keys)
 
     def decode(
-        self, embeddings: torch.Tensor, box: torch.Tensor, multimask_output: bool | None = None
+        self, embeddings: torch.Tensor, box: torch.Tensor, multimask_output: bool | None = None,
+        organ: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder: masks ``K x 3 x 256 x 256`` and iou ``K x 3`` (token 0 only,
         ``K x 1 ...``, when not ``multimask_output``; None: as the config's ``mask_outputs`` says, "all"
@@ -517,6 +519,7 @@ class LiteMedSegX(nn.Module):
         Args:
             embeddings: ``K x 256 x 64 x 64`` (one box per image) or ``1 x ...`` (K boxes on one image).
             box: ``K x 4`` x_min, y_min, x_max, y_max in the 256 grid.
+            organ: ``K x 4`` or ``1 x 4`` context indices; needed by (only) a model with decoder adapters.
         """
         if multimask_output is None:
             outputs = self.config.mask_outputs if self.config is not None else "multimask"
@@ -528,13 +531,14 @@ class LiteMedSegX(nn.Module):
                              f"for {embeddings.shape[0]} image embeddings")
         # As MedSAMLite.forward: one box per prompt, K x 1 x 4 (the decoder repeats a single image's embedding).
         sparse, dense = self.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
-        return run_mask_decoder(
-            self.mask_decoder, outputs,
-            image_embeddings=embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
+        with decoder_context(self, organ, box.shape[0]):
+            return run_mask_decoder(
+                self.mask_decoder, outputs,
+                image_embeddings=embeddings,
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+            )
 
     # Prefix cache controls (see LiteImageEncoder).
     def enable_prefix_cache(
@@ -596,6 +600,7 @@ def build_lite(cfg: ModelConfig | None = None, fast: bool = True, weights: str |
     )
     model = LiteMedSegX(encoder, base.prompt_encoder, base.mask_decoder)
     model.config = cfg
+    attach_decoder_adapters(model, cfg)
     # build_model applies the policy again (with its train_iou_head); done here too so a
     # model from build_lite alone is already frozen (and the prefix cache can be enabled).
     apply_freeze_policy(model)

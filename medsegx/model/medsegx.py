@@ -24,6 +24,7 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
 from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
+from .decoder_adapters import decoder_context
 
 
 class MedSegXOutput(NamedTuple):
@@ -190,18 +191,21 @@ class MedSegX(Sam):
             modal: ``B`` modality indices; organ: ``B x 4`` [body part, subregion, organ, task].
         """
         embeddings, gates = self.image_encoder(self.preprocess(image), modal, organ)
-        masks, iou_pred = self.decode(embeddings, box)
+        masks, iou_pred = self.decode(embeddings, box, organ=organ)
         return MedSegXOutput(masks, iou_pred, gates)
 
-    def decode(self, embeddings: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, embeddings: torch.Tensor, box: torch.Tensor, organ: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder: the outputs the config's ``mask_outputs`` names (default the
-        paper's 3 multimask outputs, tokens 1..3) and their IoU predictions."""
+        paper's 3 multimask outputs, tokens 1..3) and their IoU predictions. ``organ`` (``B x 4``): the
+        context of a model with decoder adapters (``ModelConfig.decoder_adapters``; not the paper's)."""
         sparse, dense = self.prompt_encoder(points=None, boxes=box.to(embeddings.dtype), masks=None)
         config = getattr(self, "config", None)
-        return run_mask_decoder(
-            self.mask_decoder, config.mask_outputs if config is not None else "multimask",
-            image_embeddings=embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
+        with decoder_context(self, organ, box.shape[0]):
+            return run_mask_decoder(
+                self.mask_decoder, config.mask_outputs if config is not None else "multimask",
+                image_embeddings=embeddings,
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+            )

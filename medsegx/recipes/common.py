@@ -48,7 +48,9 @@ def model_from_args(args: argparse.Namespace, device: torch.device,
     check, a forward and backward pass that only training (DDP) needs."""
     model = build_model(args.model_type, checkpoint=args.checkpoint, model_weight=init_weights,
                         fast=not args.no_fast, train_iou_head=getattr(args, "iou_loss_weight", 0.0) > 0,
-                        train_decoder=not getattr(args, "freeze_decoder", False), **model_hparams(args))
+                        train_decoder=not getattr(args, "freeze_decoder", False),
+                        train_encoder_adapters=not getattr(args, "freeze_encoder_adapters", False),
+                        **model_hparams(args))
     if for_training:
         unused = check_all_trainable_used(model)
         if unused:  # DDP would hang or fail on them; say which

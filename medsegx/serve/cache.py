@@ -139,5 +139,5 @@ class CachedModel(nn.Module):
             with self.lock:
                 return self.inner(image, box, modal, organ)
         embeddings, gates = self.encode(image, modal, organ)
-        masks, iou_pred = self.decode(embeddings, box.to(embeddings.device))
+        masks, iou_pred = self.decode(embeddings, box.to(embeddings.device), organ=organ)
         return MedSegXOutput(masks, iou_pred, gates)

@@ -1,0 +1,129 @@
+"""Context-gated adapters in SAM's mask decoder (beyond the paper; ``ModelConfig.decoder_adapters``).
+
+The paper's ConMoAE conditions only the image encoder: the mask decoder is shared by every task and sees no
+context, so whatever it learns for one task it applies to every box (docs/GENERALISATION.md). Here each of
+the decoder transformer's layers gets two mixtures of E bottleneck experts, one beside the token MLP and one
+on the image stream after the image-to-token attention:
+
+    queries <- norm3(q + mlp(q) + scale * sum_e g_e * up_e(act(down_e(q))))
+    keys    <- n + scale * sum_e g_e * up_e(act(down_e(n))),   n = norm4(...)
+
+and the expert weights are *linear in the slice's task embedding*, with no bias: ``g = W t``, ``t`` the
+task row of the encoder's context table (``image_encoder.organ_embed[4]``). Every table row starts at zero
+and a row that no training slice looks up gets no gradient, so for a task no training saw, for an unknown
+task and for the neutral context, ``t = 0``, ``g = 0`` and the decoder is exactly the backbone's, bit for
+bit, whatever the adapters learned for the trained tasks. (The experts' own weights start random, not at
+zero, so the task rows of the trained tasks get a gradient from the first step.)
+
+Nothing of segment-anything is edited or copied: the adapters are attached with forward hooks on the
+stock ``TwoWayAttentionBlock``'s ``mlp`` and ``norm4``, so the decoder's own parameter names (and every
+checkpoint of it) stay the backbone's; the adapters' keys are ``decoder_adapters.*``. The slice context
+reaches the hooks for one decoder call through :meth:`DecoderAdapters.context`.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conmoae import NUM_ORGAN_LEVELS, lookup_rows
+
+
+class TaskGatedExperts(nn.Module):
+    """E bottleneck experts whose mixture weights are ``W @ task`` (zero task row: zero output)."""
+
+    def __init__(self, dim: int, embed_dim: int, bottleneck_dim: int, num_experts: int, dropout: float,
+                 scale: float) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.adapter_down = nn.Linear(dim, num_experts * bottleneck_dim)
+        self.adapter_up = nn.Linear(num_experts * bottleneck_dim, dim, bias=False)
+        self.adapter_gate = nn.Linear(embed_dim, num_experts, bias=False)
+        self.adapter_dropout = nn.Dropout(dropout)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """``x``: ``B x N x C``; ``task``: ``B x D`` -> ``B x N x C`` (exactly 0 where a task row is 0)."""
+        gate = self.adapter_gate(task)  # B x E, no bias: 0 for a zero row
+        h = self.adapter_dropout(F.gelu(self.adapter_down(x)))
+        batch, tokens, width = h.shape
+        h = (h.view(batch, tokens, self.num_experts, width // self.num_experts) * gate[:, None, :, None].to(h.dtype))
+        return self.scale * self.adapter_up(h.flatten(2))
+
+
+class DecoderAdapters(nn.Module):
+    """The adapters of every layer of a mask decoder's ``TwoWayTransformer``, attached by hooks."""
+
+    def __init__(self, decoder: nn.Module, embed_dim: int, bottleneck_dim: int, num_experts: int,
+                 dropout: float, scale: float) -> None:
+        super().__init__()
+        layers = list(decoder.transformer.layers)
+        dim = decoder.transformer_dim
+
+        def experts() -> TaskGatedExperts:
+            return TaskGatedExperts(dim, embed_dim, bottleneck_dim, num_experts, dropout, scale)
+
+        self.tokens = nn.ModuleList(experts() for _ in layers)
+        self.image = nn.ModuleList(experts() for _ in layers)
+        self._task: torch.Tensor | None = None
+        # Hooks hold no reference to this module's tensors between calls (see context()).
+        for i, layer in enumerate(layers):
+            layer.mlp.register_forward_hook(self._token_hook(i))
+            layer.norm4.register_forward_hook(self._image_hook(i))
+
+    def _token_hook(self, i: int):
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            if self._task is None:
+                return output
+            return output + self.tokens[i](inputs[0], self._task)
+        return hook
+
+    def _image_hook(self, i: int):
+        def hook(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            if self._task is None:
+                return output
+            return output + self.image[i](output, self._task)
+        return hook
+
+    @staticmethod
+    def task_rows(organ_embed: nn.ModuleList, organ: torch.Tensor, batch: int) -> torch.Tensor:
+        """The task rows ``batch x D`` of ``organ`` (``B x 4`` [body part, subregion, organ, task]; one row
+        is repeated for ``batch`` boxes on one slice); ``NEUTRAL_ROW`` gives zero."""
+        if organ.dim() != 2 or organ.shape[1] != NUM_ORGAN_LEVELS or organ.shape[0] not in (1, batch):
+            raise ValueError(f"organ must be 1 x {NUM_ORGAN_LEVELS} or {batch} x {NUM_ORGAN_LEVELS} for {batch} boxes, "
+                             f"got {tuple(organ.shape)}")
+        task = lookup_rows(organ_embed[NUM_ORGAN_LEVELS], organ[:, NUM_ORGAN_LEVELS - 1])
+        return task.expand(batch, -1) if task.shape[0] != batch else task
+
+    @contextlib.contextmanager
+    def context(self, task: torch.Tensor) -> Iterator[None]:
+        """Within the block, the hooked decoder runs with these task rows (``B x D``, one per box)."""
+        self._task = task
+        try:
+            yield
+        finally:
+            self._task = None
+
+
+def attach_decoder_adapters(model: nn.Module, cfg) -> None:
+    """Give ``model`` (MedSegX or LiteMedSegX) the decoder adapters its config asks for (``decoder_adapters``)."""
+    if cfg.decoder_adapters:
+        model.decoder_adapters = DecoderAdapters(
+            model.mask_decoder, embed_dim=cfg.adapter_embed_dim, bottleneck_dim=cfg.adapter_bottleneck,
+            num_experts=cfg.num_experts, dropout=cfg.adapter_dropout, scale=cfg.adapter_scale)
+
+
+def decoder_context(model: nn.Module, organ: torch.Tensor | None, batch: int):
+    """The context a decoder call of ``model`` runs in: its adapters fed the task rows of ``organ``, or
+    nothing for a model without decoder adapters."""
+    adapters = getattr(model, "decoder_adapters", None)
+    if adapters is None:
+        return contextlib.nullcontext()
+    if organ is None:
+        raise ValueError("this model has context-gated decoder adapters: decode() needs the slices' organ "
+                         "indices (B x 4)")
+    return adapters.context(adapters.task_rows(model.image_encoder.organ_embed, organ.to(
+        model.image_encoder.organ_embed[0].weight.device), batch))

@@ -1,0 +1,181 @@
+"""Context-gated decoder adapters (``ModelConfig.decoder_adapters``): exactly the backbone's decoder for a
+task no training saw, for an unknown task and for the neutral context; trained only through the rows of the
+tasks that train; recorded in checkpoints; reached by every caller of the decoder."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsegx.data.taxonomy import NEUTRAL_ROW, UNKNOWN_TASK
+from medsegx.model import build_model, save_checkpoint
+from medsegx.model.freeze import apply_freeze_policy, is_trainable_name
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINED = torch.tensor([1, 4, 17, 59])  # a context whose task row training moves
+UNSEEN = torch.tensor([1, 5, 27, 82])  # a task whose row no training slice looked up
+UNKNOWN = torch.tensor([NEUTRAL_ROW, NEUTRAL_ROW, NEUTRAL_ROW, UNKNOWN_TASK])
+NEUTRAL_TASK = torch.tensor([1, 4, 17, NEUTRAL_ROW])
+
+
+def _inputs(organ: list[torch.Tensor], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(organ)
+    image = torch.rand(n, 3, 256, 256, generator=g) * 255
+    x0 = torch.randint(0, 90, (n, 2), generator=g).float()
+    box = torch.cat([x0, x0 + torch.randint(60, 150, (n, 2), generator=g).float()], dim=1)
+    return image, box, torch.full((n,), 2), torch.stack(organ)
+
+
+def _pair(model_type: str = "vit_tiny"):
+    """The same network without and with decoder adapters (the shared weights equal; vit_tiny's random
+    backbone from seed 0)."""
+    torch.manual_seed(0)
+    base = build_model(model_type).eval()
+    adapted = build_model(model_type, decoder_adapters=True).eval()
+    result = adapted.load_state_dict(base.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(k.startswith("decoder_adapters.") for k in result.missing_keys)
+    return base, adapted
+
+
+def _train_rows_(models, rows: list[int], seed: int = 1) -> None:
+    """Give ``rows`` of the task table (and every encoder table row and adapter) trained-like values in
+    every model, and the decoder adapters random ones: what pre-training leaves."""
+    g = torch.Generator().manual_seed(seed)
+    encoder_noise = {k: torch.randn(v.shape, generator=g) * 0.2
+                     for k, v in models[0].state_dict().items()
+                     if "adapter" in k or ".modal_embed." in k or ".organ_embed." in k}
+    with torch.no_grad():
+        for model in models:
+            state = model.state_dict()
+            for k, noise in encoder_noise.items():
+                if k.startswith("image_encoder.organ_embed.4."):
+                    keep = torch.zeros(noise.shape[0], dtype=torch.bool)
+                    keep[rows] = True
+                    state[k].copy_(torch.where(keep[:, None], noise, torch.zeros_like(noise)))
+                else:
+                    state[k].add_(noise)
+        adapters = models[-1].decoder_adapters
+        for p in adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_untrained_unknown_and_neutral_tasks_get_exactly_the_backbone_decoder():
+    base, adapted = _pair()
+    contexts = [TRAINED, UNSEEN, UNKNOWN, NEUTRAL_TASK]
+    with torch.no_grad():
+        before, fresh = base(*_inputs(contexts)), adapted(*_inputs(contexts))
+    # fresh tables: all rows zero, the adapted model is the backbone everywhere
+    assert torch.equal(before.masks, fresh.masks) and torch.equal(before.iou_pred, fresh.iou_pred)
+    _train_rows_([base, adapted], rows=[int(TRAINED[3])])
+    with torch.no_grad():
+        plain, gated = base(*_inputs(contexts)), adapted(*_inputs(contexts))
+    assert not torch.equal(plain.masks[0], gated.masks[0]), "a trained task's row must reach the decoder"
+    # same encoder either way; the decoder is bit for bit the backbone's for the other three
+    assert torch.equal(plain.masks[1:], gated.masks[1:]) and torch.equal(plain.iou_pred[1:], gated.iou_pred[1:])
+
+
+def test_only_the_rows_of_the_training_tasks_learn():
+    _, adapted = _pair()
+    apply_freeze_policy(adapted, train_decoder=False, train_encoder_adapters=False)
+    adapted.train()
+    image, box, modal, organ = _inputs([TRAINED, TRAINED])
+    out = adapted(image, box, modal, organ)
+    out.masks.float().square().mean().backward()
+    task_grad = adapted.image_encoder.organ_embed[4].weight.grad
+    assert task_grad[int(TRAINED[3])].abs().sum() > 0, "the experts start random so a zero row gets a gradient"
+    others = torch.ones(task_grad.shape[0], dtype=torch.bool)
+    others[int(TRAINED[3])] = False
+    assert task_grad[others].abs().sum() == 0
+    for name, p in adapted.named_parameters():
+        if name.startswith("mask_decoder.") or (name.startswith("image_encoder.") and "adapter" in name):
+            assert not p.requires_grad, name
+    assert all(p.requires_grad for p in adapted.decoder_adapters.parameters())
+
+
+def test_freeze_policy_names():
+    assert is_trainable_name("decoder_adapters.tokens.0.adapter_up.weight", train_decoder=False,
+                             train_encoder_adapters=False)
+    assert not is_trainable_name("image_encoder.blocks.0.mlp.adapter_up.0.weight", train_encoder_adapters=False)
+    assert is_trainable_name("image_encoder.organ_embed.4.weight", train_encoder_adapters=False)
+    assert is_trainable_name("image_encoder.blocks.0.mlp.adapter_up.0.weight")
+
+
+def test_the_decoders_own_keys_stay_the_backbones():
+    base, adapted = _pair()
+    assert {k for k in adapted.state_dict() if not k.startswith("decoder_adapters.")} == set(base.state_dict())
+    assert all(k.startswith("decoder_adapters.") and "adapter" in k.split(".")[-2] or "adapter_" in k
+               for k in adapted.state_dict() if k.startswith("decoder_adapters."))
+
+
+def test_checkpoint_records_the_architecture(tmp_path):
+    _, adapted = _pair()
+    _train_rows_([adapted], rows=[int(TRAINED[3])])
+    path = tmp_path / "dec.pth"
+    save_checkpoint(path, adapted)
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    assert stored["config"]["decoder_adapters"] is True
+    torch.manual_seed(0)  # the tiny backbone's random frozen weights are not in a MedSegX file
+    rebuilt = build_model("vit_tiny", model_weight=path).eval()
+    assert rebuilt.config.decoder_adapters and hasattr(rebuilt, "decoder_adapters")
+    inputs = _inputs([TRAINED, UNSEEN])
+    with torch.no_grad():
+        assert torch.equal(adapted(*inputs).masks, rebuilt(*inputs).masks)
+    # a file without the adapters cannot be read into a model that has them: a clear error, not zeros
+    plain = tmp_path / "plain.pth"
+    save_checkpoint(plain, build_model("vit_tiny"))
+    with pytest.raises(Exception, match="missing keys: .*decoder_adapters"):
+        build_model("vit_tiny", model_weight=plain, decoder_adapters=True)
+
+
+def test_decode_needs_the_context_only_when_adapted():
+    base, adapted = _pair()
+    emb = torch.zeros(1, base.config.prompt_embed_dim, 16, 16)
+    box = torch.tensor([[10.0, 10.0, 100.0, 100.0], [20.0, 30.0, 90.0, 120.0]])
+    with torch.no_grad():
+        base.decode(emb.expand(2, -1, -1, -1), box)
+        with pytest.raises(ValueError, match="needs the slices' organ"):
+            adapted.decode(emb.expand(2, -1, -1, -1), box)
+        one = adapted.decode(emb.expand(2, -1, -1, -1), box, organ=TRAINED[None])
+        two = adapted.decode(emb.expand(2, -1, -1, -1), box, organ=torch.stack([TRAINED, TRAINED]))
+    assert torch.equal(one[0], two[0])
+
+
+def test_the_servers_cached_model_passes_the_context():
+    from medsegx.serve.cache import CachedModel, EmbeddingCache
+
+    _, adapted = _pair()
+    _train_rows_([adapted], rows=[int(TRAINED[3])])
+    cached = CachedModel(adapted, EmbeddingCache(max_bytes=2**26))
+    inputs = _inputs([TRAINED, UNSEEN])
+    with torch.no_grad():
+        assert torch.equal(cached(*inputs).masks, adapted(*inputs).masks)
+
+
+@pytest.mark.slow
+def test_lite_with_decoder_adapters_is_litemedsam_until_trained():
+    base, adapted = _pair("lite")
+    assert adapted.config.decoder_adapters and not base.config.decoder_adapters
+    inputs = _inputs([TRAINED, UNKNOWN])
+    with torch.no_grad():
+        assert torch.equal(base(*inputs).masks, adapted(*inputs).masks)
+
+
+def test_pretrain_flags_reach_the_checkpoint(real_db, tmp_path):
+    cmd = [sys.executable, "pretrain.py", "--model_type", "vit_tiny", "--device_ids", "--num_workers", "0",
+           "--threads", "1", "--data_path", str(real_db / "train"), "--val_path", "none", "--num_epochs", "1",
+           "--max_steps", "2", "--batch_size", "4", "--work_dir", str(tmp_path), "--task_name", "run",
+           "--decoder_adapters", "--freeze_decoder", "--freeze_encoder_adapters"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "model_latest.pth", map_location="cpu", weights_only=True)
+    assert ckpt["config"]["decoder_adapters"] is True
+    weights = ckpt["model"]
+    # the encoder's experts stayed at their zero start; the task rows of the training slices moved
+    assert all(not v.any() for k, v in weights.items() if k.startswith("image_encoder.") and "adapter_up" in k)
+    assert weights["image_encoder.organ_embed.4.weight"].abs().sum(1).gt(0).sum() >= 1
