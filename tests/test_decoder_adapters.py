@@ -95,6 +95,12 @@ def test_only_the_rows_of_the_training_tasks_learn():
         if name.startswith("mask_decoder.") or (name.startswith("image_encoder.") and "adapter" in name):
             assert not p.requires_grad, name
     assert all(p.requires_grad for p in adapted.decoder_adapters.parameters())
+    # a fixed encoder runs without autograd: no graph through it (the training step's cost is the decoder's)
+    embeddings, _ = adapted.image_encoder(adapted.preprocess(image), modal, organ)
+    assert embeddings.requires_grad
+    with torch.set_grad_enabled(True):
+        out = adapted(image, box, modal, organ)
+    assert out.masks.requires_grad and not out.gates.requires_grad
 
 
 def test_freeze_policy_names():
@@ -102,6 +108,9 @@ def test_freeze_policy_names():
                              train_encoder_adapters=False)
     assert not is_trainable_name("image_encoder.blocks.0.mlp.adapter_up.0.weight", train_encoder_adapters=False)
     assert is_trainable_name("image_encoder.organ_embed.4.weight", train_encoder_adapters=False)
+    # the tables only the encoder reads stay with it
+    assert not is_trainable_name("image_encoder.organ_embed.3.weight", train_encoder_adapters=False)
+    assert not is_trainable_name("image_encoder.modal_embed.weight", train_encoder_adapters=False)
     assert is_trainable_name("image_encoder.blocks.0.mlp.adapter_up.0.weight")
 
 

@@ -253,3 +253,24 @@ def test_predict_runs_the_onnx_backend_end_to_end(exported, tmp_path, capsys, mo
         log = json.loads((tmp_path / backend / "ct_abdomen_small.json").read_text())
         assert log["run"]["backend"] == backend
     assert outputs["torch"].any() and (outputs["torch"] != outputs["onnx"]).sum() <= 2
+
+
+def test_decoder_adapters_export_with_the_context_as_a_decoder_input(tmp_path):
+    """A model with context-gated decoder adapters: the decoder graph takes ``organ`` too, and a trained task
+    row changes the masks there exactly as in torch."""
+    torch.manual_seed(3)
+    model = build_model("vit_tiny", decoder_adapters=True).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_" in name or name.startswith(("image_encoder.modal_embed", "image_encoder.organ_embed")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    meta = export_onnx(model, tmp_path / "dec", source={"model_type": "vit_tiny"})
+    assert "organ" in meta["decoder"]["inputs"] and meta["check"]["masks_equal"]
+    onnx_model = OnnxModel.load(tmp_path / "dec", threads=1)
+    x = _example_inputs(model, batch=3, seed=21)
+    with torch.no_grad():
+        ref = model(x["image"], x["box"], x["modal"], x["organ"])
+    got = onnx_model(x["image"], x["box"], x["modal"], x["organ"])
+    torch.testing.assert_close(got.masks, ref.masks, atol=1e-4, rtol=1e-4)
+    _masks_agree(got.masks, ref.masks)

@@ -4,6 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# ``organ_embed.{4}``: the task level of the context tables (conmoae.ContextEmbedding), which also gates
+# the decoder adapters (decoder_adapters.py).
+TASK_TABLE = 4
+
 
 def is_trainable_name(name: str, train_iou_head: bool = False, train_decoder: bool = True,
                       train_encoder_adapters: bool = True) -> bool:
@@ -12,16 +16,23 @@ def is_trainable_name(name: str, train_iou_head: bool = False, train_decoder: bo
     The IoU head trains only when it has a loss (``--iou_loss_weight > 0``): an
     unused trainable parameter breaks DDP. ``train_decoder=False`` (``--freeze_decoder``)
     trains the adapters and context embeddings alone (the IoU head still trains if asked).
-    ``train_encoder_adapters=False`` (``--freeze_encoder_adapters``) keeps the image encoder's ConMoAE
-    as it is (at zero: the backbone's features), so only the decoder adapters and the tables learn.
+    ``train_encoder_adapters=False`` (``--freeze_encoder_adapters``) fixes the image encoder, its ConMoAE
+    included (the models run it without autograd, :func:`encoder_trains`): the decoder adapters learn, and
+    of the context tables the task table, which gates them; the tables only the encoder reads stay.
     """
     if name.startswith("mask_decoder.iou_prediction_head."):
         return train_iou_head
     if name.startswith("mask_decoder."):
         return train_decoder
-    if name.startswith("image_encoder.") and "adapter" in name:
-        return train_encoder_adapters
+    if not train_encoder_adapters and name.startswith("image_encoder."):
+        return name.startswith(f"image_encoder.organ_embed.{TASK_TABLE}.")
     return "adapter" in name or ".modal_embed." in name or ".organ_embed." in name
+
+
+def encoder_trains(model: nn.Module) -> bool:
+    """Whether any adapter of the image encoder trains; when none does, the encoder is a fixed function of
+    the image and the context and runs without autograd (``--freeze_encoder_adapters``)."""
+    return any(p.requires_grad for n, p in model.image_encoder.named_parameters() if "adapter" in n)
 
 
 def apply_freeze_policy(model: nn.Module, train_iou_head: bool = False, train_decoder: bool = True,

@@ -53,7 +53,7 @@ from torch import nn
 from .config import LITE_IMG_SIZE, NUM_LITE_BLOCKS, ModelConfig, lite_config
 from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
 from .decoder_adapters import attach_decoder_adapters, decoder_context
-from .freeze import apply_freeze_policy
+from .freeze import apply_freeze_policy, encoder_trains
 from .lite_fast import LiteFastPath
 from .medsegx import MedSegXOutput, run_mask_decoder
 from .prefix_store import PrefixStore, prefix_digest
@@ -506,7 +506,8 @@ class LiteMedSegX(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The box-independent part: image embeddings ``B x 256 x 64 x 64`` and the expert gates
         ``n_adapted x B x E``. Several boxes on one slice need it once (see :meth:`decode`)."""
-        return self.image_encoder(self.preprocess(image), modal, organ, cache_keys=cache_keys)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains(self)):
+            return self.image_encoder(self.preprocess(image), modal, organ, cache_keys=cache_keys)
 
     def decode(
         self, embeddings: torch.Tensor, box: torch.Tensor, multimask_output: bool | None = None,

@@ -25,6 +25,7 @@ from torch import nn
 
 from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
 from .decoder_adapters import decoder_context
+from .freeze import encoder_trains
 
 
 class MedSegXOutput(NamedTuple):
@@ -190,7 +191,8 @@ class MedSegX(Sam):
             box: ``B x 4`` x_min, y_min, x_max, y_max in the 256 grid.
             modal: ``B`` modality indices; organ: ``B x 4`` [body part, subregion, organ, task].
         """
-        embeddings, gates = self.image_encoder(self.preprocess(image), modal, organ)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains(self)):
+            embeddings, gates = self.image_encoder(self.preprocess(image), modal, organ)
         masks, iou_pred = self.decode(embeddings, box, organ=organ)
         return MedSegXOutput(masks, iou_pred, gates)
 

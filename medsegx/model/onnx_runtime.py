@@ -167,12 +167,18 @@ class OnnxModel:
         embeddings, gates = self._encoder.run(["embeddings", "gates"], feed)
         return self._tensor(embeddings), self._tensor(gates)
 
-    def decode(self, embeddings: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One box per image: masks ``B x M x 256 x 256`` logits and ``iou_pred`` ``B x M``."""
+    def decode(self, embeddings: torch.Tensor, box: torch.Tensor, organ: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One box per image: masks ``B x M x 256 x 256`` logits and ``iou_pred`` ``B x M``. ``organ``
+        (``B x 4``): the context, read by the graph of a model with decoder adapters only."""
         if box.dim() != 2 or box.shape != (embeddings.shape[0], 4):
             raise ValueError(f"box must be B x 4 (one box per image), got {tuple(box.shape)}")
-        masks, iou = self._decoder.run(["masks", "iou_pred"], {"embeddings": _numpy(embeddings, np.float32),
-                                                               "box": _numpy(box, np.float32)})
+        feed = {"embeddings": _numpy(embeddings, np.float32), "box": _numpy(box, np.float32)}
+        if "organ" in self.meta["decoder"]["inputs"]:
+            if organ is None:
+                raise ValueError("this model's decoder adapters need the slices' organ indices (B x 4)")
+            feed["organ"] = _numpy(organ.expand(box.shape[0], -1) if organ.shape[0] == 1 else organ, np.int64)
+        masks, iou = self._decoder.run(["masks", "iou_pred"], feed)
         return self._tensor(masks), self._tensor(iou)
 
     def __call__(self, image: torch.Tensor, box: torch.Tensor, modal: torch.Tensor, organ: torch.Tensor,
@@ -180,7 +186,7 @@ class OnnxModel:
         """``model(image, box, modal, organ)`` as the torch models (extra keywords such as ``cache_keys``
         are accepted and unused)."""
         embeddings, gates = self.encode(image, modal, organ)
-        masks, iou = self.decode(embeddings, box)
+        masks, iou = self.decode(embeddings, box, organ=organ)
         return MedSegXOutput(masks, iou, gates)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:

@@ -51,6 +51,9 @@ def model_from_args(args: argparse.Namespace, device: torch.device,
                         train_decoder=not getattr(args, "freeze_decoder", False),
                         train_encoder_adapters=not getattr(args, "freeze_encoder_adapters", False),
                         **model_hparams(args))
+    if getattr(args, "freeze_encoder_adapters", False) and not model.config.decoder_adapters:
+        raise UserError("--freeze_encoder_adapters leaves nothing of the encoder to train and this model has no "
+                        "decoder adapters to train instead: add --decoder_adapters (or drop the flag)")
     if for_training:
         unused = check_all_trainable_used(model)
         if unused:  # DDP would hang or fail on them; say which
