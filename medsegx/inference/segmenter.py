@@ -116,10 +116,10 @@ class Segmenter:
             if mask.shape != spatial or not np.issubdtype(mask.dtype, np.integer) or mask.min(initial=0) < 0:
                 raise PromptError(f"prompt_mask must be a non-negative integer array of shape {spatial}, "
                                   f"got {mask.dtype} {mask.shape}")
-        prediction = self._predict("image", sitk_image, Path("image"), box, mask, modality, task, labels_map,
-                                   label, propagate, box_margin, window, percentiles, "axial", "none",
-                                   propagate_grow, seed)
-        return prediction.array
+        opts = _options(modality=modality, task=task, window=window, percentiles=percentiles, axis="axial",
+                        orient="none", propagate=propagate, propagate_grow=propagate_grow, box_margin=box_margin,
+                        labels_map=labels_map)
+        return self._predict("image", sitk_image, Path("image"), opts, box, mask, label, seed).array
 
     # ------------------------------------------------------------------ a file in, a file out
     def segment_file(self, path: str | Path, box: Sequence[int] | None = None, *, modality: str,
@@ -140,8 +140,10 @@ class Segmenter:
         path = Path(path)
         image = read_case_image(path)
         mask = read_label(prompt_mask, image, path) if prompt_mask is not None else None
-        prediction = self._predict(case_name(path), image, path, box, mask, modality, task, labels_map, label,
-                                   propagate, box_margin, window, percentiles, axis, orient, propagate_grow, seed)
+        opts = _options(modality=modality, task=task, window=window, percentiles=percentiles, axis=axis,
+                        orient=orient, propagate=propagate, propagate_grow=propagate_grow, box_margin=box_margin,
+                        labels_map=labels_map)
+        prediction = self._predict(case_name(path), image, path, opts, box, mask, label, seed)
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             write_image_atomic(prediction.image, out)
@@ -151,20 +153,21 @@ class Segmenter:
             write_overlay(prediction, overlay)
         return prediction
 
-    def _predict(self, case: str, image: sitk.Image, source: Path, box, mask, modality, task, labels_map, label,
-                 propagate, box_margin, window, percentiles, axis, orient,
-                 propagate_grow: int = PROPAGATE_GROW, seed: int | None = None) -> CasePrediction:
+    def _predict(self, case: str, image: sitk.Image, source: Path, opts: PredictOptions, box, mask, label: int,
+                 seed: int | None) -> CasePrediction:
         if (box is None) == (mask is None):
             raise PromptError("give exactly one prompt: box=... or prompt_mask=...")
         prompts = None
         if box is not None:
             prompts = [ObjectPrompt(label=check_label(label, "label"), box=parse_box(list(box), "box"), seed=seed)]
-        if isinstance(labels_map, (str, Mapping)):
-            labels_map = parse_labels_map(labels_map)
-        if isinstance(window, str):
-            window = parse_window(window)
-        opts = PredictOptions(modality=modality, task=task, window=window, percentiles=tuple(percentiles),
-                              axis=axis, orient=orient, propagate=propagate, propagate_grow=int(propagate_grow),
-                              box_margin=int(box_margin),
-                              labels_map=labels_map)
         return predict_case(self.runner, case, image, source, prompts, opts, mask, progress=self.progress)
+
+
+def _options(*, window, percentiles, labels_map, propagate_grow, box_margin, **fields) -> PredictOptions:
+    """The PredictOptions of an API call, its text forms (``"-160,240"``, ``"5:Liver"``) parsed as the command's."""
+    if isinstance(labels_map, (str, Mapping)):
+        labels_map = parse_labels_map(labels_map)
+    if isinstance(window, str):
+        window = parse_window(window)
+    return PredictOptions(window=window, percentiles=tuple(percentiles), labels_map=labels_map,
+                          propagate_grow=int(propagate_grow), box_margin=int(box_margin), **fields)

@@ -12,7 +12,7 @@ import importlib
 from .config import MODEL_TYPES, ModelConfig, model_config
 
 _LAZY = {
-    "MODEL_REGISTRY": "build", "build_model": "build", "build_sam256": "build", "set_fast": "build",
+    "MODEL_REGISTRY": "build", "build_model": "build", "build_sam256": "build",
     "apply_freeze_policy": "freeze", "check_all_trainable_used": "freeze", "count_parameters": "freeze",
     "CheckpointError": "checkpoint", "load_medsegx_weights": "checkpoint", "load_sam_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint", "ConMoAE": "conmoae", "MedSegX": "medsegx", "MedSegXOutput": "medsegx",

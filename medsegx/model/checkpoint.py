@@ -269,13 +269,6 @@ def load_medsegx_weights(model: nn.Module, source: str | Path | Mapping[str, Any
     return dict(ckpt)
 
 
-def read_config(path: str | Path) -> dict | None:
-    """The model config stored in a file we wrote; None for published files (they store none)."""
-    ckpt = torch_load(path)
-    cfg = ckpt.get("config") if isinstance(ckpt, Mapping) else None
-    return dict(cfg) if cfg is not None else None
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written checkpoint."""
     atomic_write(path, lambda handle: torch.save(obj, handle))

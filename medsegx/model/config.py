@@ -46,6 +46,9 @@ def _taxonomy():
     return load_taxonomy()
 
 
+# Where Meta's SAM checkpoint files are looked for when --checkpoint is not given (the paper's layout).
+SAM_DIR = "./playground/SAM"
+
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 

@@ -8,8 +8,8 @@ on the image stream after the image-to-token attention:
     queries <- norm3(q + mlp(q) + scale * sum_e g_e * up_e(act(down_e(q))))
     keys    <- n + scale * sum_e g_e * up_e(act(down_e(n))),   n = norm4(...)
 
-and the expert weights are *linear in the slice's task embedding*, with no bias: ``g = W t``, ``t`` the
-task row of the encoder's context table (``image_encoder.organ_embed[4]``). Every table row starts at zero
+and the expert weights are *linear in the direction of the slice's task embedding*, with no bias:
+``g = W t / (|t| + eps)``, ``t`` the task row of the encoder's context table (``image_encoder.organ_embed[4]``). Every table row starts at zero
 and a row that no training slice looks up gets no gradient, so for a task no training saw, for an unknown
 task and for the neutral context, ``t = 0``, ``g = 0`` and the decoder is exactly the backbone's, bit for
 bit, whatever the adapters learned for the trained tasks. (The experts' own weights start random, not at
@@ -32,8 +32,13 @@ from torch import nn
 from .conmoae import NUM_ORGAN_LEVELS, lookup_rows
 
 
+# The gate reads t / (|t| + GATE_EPS): smooth, exactly 0 at t = 0, the unit direction once |t| >> GATE_EPS
+# (after a few optimiser steps at lr 1e-3).
+GATE_EPS = 1e-3
+
+
 class TaskGatedExperts(nn.Module):
-    """E bottleneck experts whose mixture weights are ``W @ task`` (zero task row: zero output)."""
+    """E bottleneck experts mixed by ``W @ t / (|t| + eps)`` for the task row ``t`` (a zero row: zero output)."""
 
     def __init__(self, dim: int, embed_dim: int, bottleneck_dim: int, num_experts: int, dropout: float,
                  scale: float) -> None:
@@ -47,7 +52,10 @@ class TaskGatedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """``x``: ``B x N x C``; ``task``: ``B x D`` -> ``B x N x C`` (exactly 0 where a task row is 0)."""
-        gate = self.adapter_gate(task)  # B x E, no bias: 0 for a zero row
+        # No bias, and the row's direction: 0 for a zero row, O(1) as soon as training moves it (a row grows
+        # by ~lr per step under Adam, so a gate linear in the row would stay ~0 for a short run).
+        direction = task / (task.norm(dim=-1, keepdim=True) + GATE_EPS)
+        gate = self.adapter_gate(direction)  # B x E
         h = self.adapter_dropout(F.gelu(self.adapter_down(x)))
         batch, tokens, width = h.shape
         h = (h.view(batch, tokens, self.num_experts, width // self.num_experts) * gate[:, None, :, None].to(h.dtype))
