@@ -12,6 +12,9 @@ import statistics
 import sys
 from pathlib import Path
 
+LABEL_FREE_MODES = ("iou", "first", "stability", "agreement", "iou_stable", "first_stable", "first_confident",
+                    "first_consensus")  # medsegx.selection's (this script runs without the package installed)
+
 SETS = [("ID (trained tasks)", "ID/internal/ID_details.md"), ("CT organs (held out)", "CTorgans/internal/ID_details.md"),
         ("HC18 fetal head (cross-task)", "OOD/external/OOD-task_details.md"),
         ("HAM10000 skin (cross-site)", "OOD/external/OOD-site_details.md")]
@@ -35,6 +38,64 @@ def read_details(path: Path) -> dict[str, tuple[float, float, int]]:
     return rows
 
 
+def read_choices(path: Path) -> dict[str, float]:
+    """selection mode -> mean DSC over all slices, from the details report's "Output choice" table (every
+    label-free rule and the oracle; empty for a report without it)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if "## Output choice" not in lines:
+        return {}
+    start = lines.index("## Output choice")
+    header_at = next(i for i in range(start, len(lines)) if lines[i].startswith("| task |"))
+    header = [c.strip().removesuffix(" (scored)") for c in lines[header_at].split("|")]
+    for line in lines[header_at + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.split("|")]
+        if cells[1] == "ALL":
+            return {name: float(cells[i]) for i, name in enumerate(header)
+                    if name in LABEL_FREE_MODES + ("oracle",) and i < len(cells)}
+    return {}
+
+
+def against_best_label_free(out: Path) -> list[str]:
+    """The issue's comparison: each recipe under each label-free rule against zero-shot LiteMedSAM under its
+    best label-free rule on that set (chosen per set, so an upper bound for zero-shot)."""
+    zero = out / "zero-shot"
+    recipes = sorted(p for p in out.iterdir() if p.is_dir() and p.name not in ("zero-shot", "heldout", "prefix-cache"))
+    rows, titles, best = [], [], []
+    for title, rel in SETS:
+        if not (zero / rel).is_file():
+            continue
+        choices = read_choices(zero / rel)
+        if not choices:
+            return []
+        name, value = max(((m, v) for m, v in choices.items() if m != "oracle"), key=lambda kv: kv[1])
+        titles.append((title, rel))
+        best.append((name, value, choices))
+    if not titles:
+        return []
+    lines = ["## Against the best label-free zero-shot (per set, the rule chosen on the set itself)", "",
+             "| model | rule | seeds | " + " | ".join(t for t, _ in titles) + " |", "|---|---|---|" + "---|" * len(titles),
+             "| zero-shot LiteMedSAM | best on the set | - | "
+             + " | ".join(f"{v:.4f} ({n})" for n, v, _ in best) + " |"]
+    for rule in ("first", "first_consensus", "first_confident"):
+        lines.append(f"| zero-shot LiteMedSAM | {rule} | - | "
+                     + " | ".join(f"{c.get(rule, float('nan')):.4f} ({c.get(rule, float('nan')) - v:+.4f})"
+                                  for _, v, c in best) + " |")
+    for recipe in recipes:
+        seeds = sorted(recipe.glob("seed*"))
+        for rule in ("first", "first_consensus", "first_confident"):
+            cells, n = [], 0
+            for (_, rel), (_, value, _) in zip(titles, best, strict=True):
+                values = [read_choices(p / "scores" / rel).get(rule) for p in seeds if (p / "scores" / rel).is_file()]
+                values = [v for v in values if v is not None]
+                n = max(n, len(values))
+                cells.append(f"{fmt(values)} ({statistics.mean(values) - value:+.4f})" if values else "-")
+            if n:
+                rows.append(f"| {recipe.name} | {rule} | {n} | " + " | ".join(cells) + " |")
+    return lines + rows + ["", "(change against the best label-free zero-shot of the set in brackets)", ""]
+
+
 def fmt(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -47,7 +108,7 @@ Details = dict[str, tuple[float, float, int]]
 def load(out: Path) -> list[tuple[str, Details, dict[str, list[Details]]]]:
     """Each set with a zero-shot report: (title, zero-shot details, recipe -> the details of its scored seeds)."""
     zero = out / "zero-shot"
-    recipes = sorted(p for p in out.iterdir() if p.is_dir() and p.name not in ("zero-shot", "heldout"))
+    recipes = sorted(p for p in out.iterdir() if p.is_dir() and p.name not in ("zero-shot", "heldout", "prefix-cache"))
     loaded = []
     for title, rel in SETS:
         if not (zero / rel).is_file():
@@ -83,6 +144,7 @@ def main(out: Path) -> str:
              "the evaluation's --select chose (lite: its label-free default; SAM: the paper's oracle, best by the "
              "label); label-free = the IoU head's choice.", ""]
     lines += summary(sets)
+    lines += against_best_label_free(out)
     for title, base, recipe_runs in sets:
         lines += [f"## {title}", "", "| model | seeds | N | scored | label-free | change (scored) | change (label-free) |",
                   "|---|---|---|---|---|---|---|",

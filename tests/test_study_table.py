@@ -81,3 +81,31 @@ def test_selection_table_reads_the_outputs_reports(tmp_path):
     assert "| eval/ID (MedSegDB-real, the trained tasks) | 2 | 0.7500 | 0.7000 | 0.6500 |" in text
     assert "| token 0 | +0.0000 |" in text and "| token 1 | -0.4000 |" in text
     assert "NOT within 0.005" in text and "-0.4000, HC18" in text
+
+
+def test_against_the_best_label_free_zero_shot(tmp_path):
+    """The issue's comparison: the best label-free rule of zero-shot on each set (from the details report's
+    "Output choice" ALL row), and each recipe's rules against it."""
+    table = _table_module()
+    rel = "ID/internal/ID_details.md"
+
+    def write(path: Path, first: float, consensus: float) -> None:
+        _details(path, {"ALL": (first, first, 10)})
+        modes = ["oracle", "iou", "first (scored)", "stability", "agreement", "iou_stable", "first_stable",
+                 "first_confident", "first_consensus"]
+        values = [0.95, 0.5, first, 0.5, 0.6, 0.5, first, consensus - 0.01, consensus]
+        text = path.read_text(encoding="utf-8")
+        text += "\n".join(["## Output choice", "", "Mean DSC ...", "",
+                           "| task | N | output 0 | " + " | ".join(modes) + " | scored - best output |",
+                           "|---|---:|---:|" + "---:|" * (len(modes) + 1),
+                           "| ALL | 10 | 0.7 | " + " | ".join(f"{v:.4f}" for v in values) + " | +0.0000 |", ""])
+        path.write_text(text, encoding="utf-8")
+
+    write(tmp_path / "zero-shot" / rel, first=0.70, consensus=0.80)
+    write(tmp_path / "ctxdec-only" / "seed0" / "scores" / rel, first=0.75, consensus=0.79)
+    choices = table.read_choices(tmp_path / "zero-shot" / rel)
+    assert choices["first_consensus"] == 0.8 and choices["oracle"] == 0.95 and choices["first"] == 0.7
+    text = table.main(tmp_path)
+    assert "| zero-shot LiteMedSAM | best on the set | - | 0.8000 (first_consensus) |" in text
+    assert "| ctxdec-only | first_consensus | 1 | 0.7900 (-0.0100) |" in text
+    assert "| ctxdec-only | first | 1 | 0.7500 (-0.0500) |" in text

@@ -113,7 +113,7 @@ class CasePrediction:
     def log(self) -> dict:
         """The per-slice record written as ``<case>.json``."""
         record = self.stack.record
-        axis_name, to_stored = _stored_slice_index(record)
+        axis_name, to_stored = stored_slice_index(record)
         objects = []
         for obj, per_slice in zip(self.objects, self.results):
             slices = []
@@ -134,7 +134,7 @@ class CasePrediction:
         }
 
 
-def _stored_slice_index(record: Mapping):
+def stored_slice_index(record: Mapping):
     """The stored image axis a canonical slice id runs along (``"x"|"y"|"z"``) and the id -> stored index map."""
     if record["kind"] == "image2d":
         return None, None
@@ -190,7 +190,7 @@ def seed_slice(stack: SliceStack, prompt: ObjectPrompt, boxes: Mapping[int, np.n
     volume box, propagation, and a slice inside the box's range."""
     if prompt.seed is None:
         return None
-    axis_name, to_stored = _stored_slice_index(stack.record)
+    axis_name, to_stored = stored_slice_index(stack.record)
     if axis_name is None or prompt.box is None or len(prompt.box) != 6:
         raise PromptError(f"{where}: {prompt.describe()}: a seed slice goes with a volume box (x0 y0 z0 x1 y1 z1)")
     if not opts.propagate:

@@ -31,7 +31,6 @@ from torch import nn
 
 from .conmoae import NUM_ORGAN_LEVELS, lookup_rows
 
-
 # The gate reads t / (|t| + GATE_EPS): smooth, exactly 0 at t = 0, the unit direction once |t| >> GATE_EPS
 # (after a few optimiser steps at lr 1e-3).
 GATE_EPS = 1e-3

@@ -40,10 +40,10 @@ from ..errors import UserError
 from ..inference.case import (
     CASE_EXTENSIONS,
     PredictOptions,
-    _stored_slice_index,
     output_suffix,
     predict_case,
     read_case_image,
+    stored_slice_index,
     write_image_atomic,
     write_json_atomic,
 )
@@ -297,7 +297,7 @@ class ImageSession:
             if self.is_2d:
                 predicted = predicted[None]
             per_slice = prediction.results[0]
-            _, to_stored = _stored_slice_index(self.stack.record)
+            _, to_stored = stored_slice_index(self.stack.record)
             stored = {k: (0 if to_stored is None else to_stored(k)) for k in per_slice}
             written = sorted(stored.values())
             label = prompt.label
