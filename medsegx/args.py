@@ -122,6 +122,10 @@ def _model_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decoder_adapters", action=argparse.BooleanOptionalAction, default=None,
                    help="context-gated adapters in the mask decoder (beyond the paper; a task no training saw gets "
                         "exactly the backbone's decoder; default off, a checkpoint keeps its own)")
+    g.add_argument("--task_decoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="a mask decoder of its own for the tasks of the training set (beyond the paper): any other "
+                        "task gets exactly the backbone's decoder and all its outputs (default: the model type's, "
+                        "a checkpoint keeps its own)")
     g.add_argument("--no_fast", action="store_true",
                    help="use the stock segment-anything attention instead of the exact fast path")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start on CPU)")
@@ -137,6 +141,7 @@ def model_hparams(args: argparse.Namespace) -> dict:
         "adapter_dropout": args.adapter_dropout,
         "mask_outputs": getattr(args, "mask_outputs", None),
         "decoder_adapters": getattr(args, "decoder_adapters", None),
+        "task_decoder": getattr(args, "task_decoder", None),
     }
 
 

@@ -44,8 +44,10 @@ logger = logging.getLogger(__name__)
 LATEST, BEST, LOWEST = "model_latest.pth", "model_best.pth", "model_lowest.pth"
 MANIFEST = "checkpoints.json"
 LOCK_FILE = ".lock"
+# The other files of a run folder: the engine's history, curves and TensorBoard events, finetune's scores.
+HISTORY, CURVES, TENSORBOARD, RESULT = "history.jsonl", "curves.png", "tensorboard", "result.json"
 # What makes a folder "hold a run" (and what --overwrite removes).
-RUN_OUTPUTS = (LATEST, BEST, LOWEST, MANIFEST, "history.jsonl", "curves.png", "tensorboard", "result.json")
+RUN_OUTPUTS = (LATEST, BEST, LOWEST, MANIFEST, HISTORY, CURVES, TENSORBOARD, RESULT)
 
 
 class RunFolderError(UserError):

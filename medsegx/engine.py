@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from . import runtime
-from .checkpointer import Checkpointer, DivergedError
+from .checkpointer import CURVES, HISTORY, TENSORBOARD, Checkpointer, DivergedError
 from .fileio import atomic_write_text
 from .losses import medsegx_loss
 from .metrics.select import binarize, score_multimask
@@ -370,7 +370,7 @@ def fit(
     progress = EpochProgress(**resume["progress"]) if resume.get("progress") else None
     if progress is not None and not info.is_main:
         progress = EpochProgress(batches=progress.batches)  # the summed loss so far is counted once, on rank 0
-    history_path = out_dir / "history.jsonl"
+    history_path = out_dir / HISTORY
     writer = None
     if info.is_main:
         if resume:
@@ -378,7 +378,7 @@ def fit(
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a killed run logged after its checkpoint
-        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=global_step + 1 if resume else None)
+        writer = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=global_step + 1 if resume else None)
     args_dict = runtime.plain_args(args)
 
     def state(epoch: int, step: int, progress: EpochProgress | None) -> dict[str, Any]:
@@ -459,7 +459,7 @@ def fit(
         writer.close()
         from .reports import plot_history
 
-        plot_history(history_path, out_dir / "curves.png")
+        plot_history(history_path, out_dir / CURVES)
     return {"best": best, "global_step": global_step}
 
 

@@ -110,6 +110,8 @@ def build_model(
     model = MODEL_REGISTRY[cfg.model_type](cfg, fast, checkpoint)
     if weights is not None:
         ckpt.load_medsegx_weights(model, weights, name=weights_name)
+    elif hasattr(model, "task_decoder"):  # a new task decoder starts as the backbone's decoder
+        model.task_decoder.start_from(model.mask_decoder)
     apply_freeze_policy(model, train_iou_head=train_iou_head, train_decoder=train_decoder,
                         train_encoder_adapters=train_encoder_adapters)
     return model

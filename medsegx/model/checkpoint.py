@@ -26,7 +26,7 @@ from torch import nn
 from ..data.taxonomy import load_taxonomy
 from ..errors import UserError
 from ..fileio import atomic_write
-from .freeze import is_trainable_name
+from .freeze import TASK_DECODER_PREFIX, is_trainable_name
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ def _resize_rel_pos(value: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _base_keys(model: nn.Module) -> set[str]:
     """Keys a SAM file must provide: everything except adapters and context embeddings."""
-    return {k for k in model.state_dict() if "adapter" not in k and ".modal_embed." not in k and ".organ_embed." not in k}
+    return {k for k in model.state_dict() if "adapter" not in k and ".modal_embed." not in k and ".organ_embed." not in k
+            and not k.startswith(TASK_DECODER_PREFIX)}
 
 
 def load_sam_checkpoint(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> None:

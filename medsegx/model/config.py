@@ -83,6 +83,10 @@ class ModelConfig:
     # mixtures of experts per decoder layer, weighted linearly by the task's context row, so a task no
     # training saw gets exactly the backbone's decoder. Off for SAM backbones (the paper's model).
     decoder_adapters: bool = False
+    # A mask decoder of its own for the tasks pre-training saw (beyond the paper; decoder_adapters.TaskDecoder):
+    # a trained task is decoded by it (its trained output only), any other task by the backbone's decoder,
+    # exactly. Off for SAM backbones.
+    task_decoder: bool = False
     # "multimask": the 3 outputs are mask tokens 1..3 (SAM's ambiguity tokens; the paper's MedSegX).
     # "single": one output, mask token 0 (LiteMedSAM's only trained token: its multimask tokens were never
     # trained and give uncalibrated logits, see docs/GENERALISATION.md).

@@ -23,6 +23,7 @@ reaches the hooks for one decoder call through :meth:`DecoderAdapters.context`.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -116,7 +117,12 @@ class DecoderAdapters(nn.Module):
 
 
 def attach_decoder_adapters(model: nn.Module, cfg) -> None:
-    """Give ``model`` (MedSegX or LiteMedSegX) the decoder adapters its config asks for (``decoder_adapters``)."""
+    """Give ``model`` (MedSegX or LiteMedSegX) the context decoder parts its config asks for: the decoder
+    adapters (``decoder_adapters``) and the task decoder (``task_decoder``)."""
+    if cfg.task_decoder:
+        outputs = cfg.loss_outputs()
+        model.task_decoder = TaskDecoder(model.mask_decoder, cfg.level_sizes[NUM_ORGAN_LEVELS],
+                                         single_output=outputs[0] if len(outputs) == 1 else None)
     if cfg.decoder_adapters:
         model.decoder_adapters = DecoderAdapters(
             model.mask_decoder, embed_dim=cfg.adapter_embed_dim, bottleneck_dim=cfg.adapter_bottleneck,
@@ -134,3 +140,73 @@ def decoder_context(model: nn.Module, organ: torch.Tensor | None, batch: int):
                          "indices (B x 4)")
     return adapters.context(adapters.task_rows(model.image_encoder.organ_embed, organ.to(
         model.image_encoder.organ_embed[0].weight.device), batch))
+
+
+class TaskDecoder(nn.Module):
+    """A mask decoder of its own for the tasks pre-training saw (``ModelConfig.task_decoder``; beyond the paper).
+
+    ``decoder`` starts as a copy of the backbone's mask decoder and trains; the backbone's stays frozen.
+    ``trained_tasks`` (a buffer, saved in checkpoints) marks the task rows of the training set
+    (:meth:`mark_trained`, called by the training run before its first step). A slice whose task is marked is
+    decoded by this decoder and offered only the output(s) the loss trained (``single_output``: LiteMedSAM's
+    token 0, repeated in every output slot, so no label-free rule can swap in an output training never
+    touched); any other slice (a task no training saw, the unknown task, the neutral context) by the
+    backbone's decoder, exactly, with all its candidates. The gate is the task itself: what the decoder
+    learns for four tasks cannot reach a fifth.
+    """
+
+    def __init__(self, mask_decoder: nn.Module, num_tasks: int, single_output: int | None) -> None:
+        super().__init__()
+        self.decoder = copy.deepcopy(mask_decoder)
+        self.register_buffer("trained_tasks", torch.zeros(num_tasks, dtype=torch.bool))
+        self.single_output = single_output
+
+    @torch.no_grad()
+    def start_from(self, mask_decoder: nn.Module) -> None:
+        """Copy the backbone decoder's weights (after the builder loaded them)."""
+        self.decoder.load_state_dict(mask_decoder.state_dict())
+
+    @torch.no_grad()
+    def mark_trained(self, tasks: torch.Tensor) -> None:
+        """Mark the task rows ``tasks`` (indices; ``NEUTRAL_ROW`` entries ignored) as trained."""
+        tasks = tasks[tasks >= 0].to(self.trained_tasks.device)
+        self.trained_tasks[tasks] = True
+
+    def known(self, organ: torch.Tensor, batch: int) -> torch.Tensor:
+        """``batch`` booleans: which boxes' tasks are marked trained."""
+        task = organ[:, NUM_ORGAN_LEVELS - 1].to(self.trained_tasks.device)
+        known = self.trained_tasks[task.clamp(min=0)] & (task >= 0)
+        return known.expand(batch) if known.shape[0] != batch else known
+
+
+def run_routed_decoder(model: nn.Module, run, organ: torch.Tensor | None, batch: int):
+    """``run(decoder) -> (masks, iou)`` on the model's mask decoder, or, for a model with a task decoder, on
+    each box's decoder (:class:`TaskDecoder`): the backbone's for tasks no training saw, the task decoder
+    (its trained output only) for the others. ``run`` takes a decoder and the indices of the boxes (None: all)."""
+    routed = getattr(model, "task_decoder", None)
+    if routed is None:
+        return run(model.mask_decoder, None)
+    if organ is None:
+        raise ValueError("this model has a task decoder: decode() needs the slices' organ indices (B x 4)")
+    known = routed.known(organ, batch)
+    if not bool(known.any()):
+        return run(model.mask_decoder, None)
+
+    def trained(index):
+        masks, iou = run(routed.decoder, index)
+        if routed.single_output is not None:
+            k = masks.shape[1]
+            masks = masks[:, routed.single_output:routed.single_output + 1].expand(-1, k, -1, -1)
+            iou = iou[:, routed.single_output:routed.single_output + 1].expand(-1, k)
+        return masks, iou
+
+    if bool(known.all()):
+        return trained(None)
+    idx_known, idx_other = known.nonzero().flatten(), (~known).nonzero().flatten()
+    masks_k, iou_k = trained(idx_known)
+    masks_o, iou_o = run(model.mask_decoder, idx_other)
+    masks = masks_k.new_empty((batch, *masks_k.shape[1:]))
+    iou = iou_k.new_empty((batch, *iou_k.shape[1:]))
+    masks[idx_known], masks[idx_other] = masks_k, masks_o
+    iou[idx_known], iou[idx_other] = iou_k, iou_o
+    return masks, iou

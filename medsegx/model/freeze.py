@@ -7,10 +7,12 @@ from torch import nn
 # ``organ_embed.{4}``: the task level of the context tables (conmoae.ContextEmbedding), which also gates
 # the decoder adapters (decoder_adapters.py).
 TASK_TABLE = 4
+# The task decoder's weights and its buffer of trained tasks (decoder_adapters.TaskDecoder).
+TASK_DECODER_PREFIX = "task_decoder."
 
 
 def is_trainable_name(name: str, train_iou_head: bool = False, train_decoder: bool = True,
-                      train_encoder_adapters: bool = True) -> bool:
+                      train_encoder_adapters: bool = True, train_task_table: bool = True) -> bool:
     """The freeze policy: adapters, context embeddings and the mask decoder train; nothing else.
 
     The IoU head trains only when it has a loss (``--iou_loss_weight > 0``): an
@@ -18,14 +20,18 @@ def is_trainable_name(name: str, train_iou_head: bool = False, train_decoder: bo
     trains the adapters and context embeddings alone (the IoU head still trains if asked).
     ``train_encoder_adapters=False`` (``--freeze_encoder_adapters``) fixes the image encoder, its ConMoAE
     included (the models run it without autograd, :func:`encoder_trains`): the decoder adapters learn, and
-    of the context tables the task table, which gates them; the tables only the encoder reads stay.
+    of the context tables the task table, which gates them (``train_task_table``: the model has decoder
+    adapters); the tables only the encoder reads stay. The task decoder (``task_decoder.*``) always trains:
+    it exists to.
     """
     if name.startswith("mask_decoder.iou_prediction_head."):
         return train_iou_head
     if name.startswith("mask_decoder."):
         return train_decoder
+    if name.startswith(TASK_DECODER_PREFIX):
+        return True
     if not train_encoder_adapters and name.startswith("image_encoder."):
-        return name.startswith(f"image_encoder.organ_embed.{TASK_TABLE}.")
+        return train_task_table and name.startswith(f"image_encoder.organ_embed.{TASK_TABLE}.")
     return "adapter" in name or ".modal_embed." in name or ".organ_embed." in name
 
 
@@ -37,8 +43,10 @@ def encoder_trains(model: nn.Module) -> bool:
 
 def apply_freeze_policy(model: nn.Module, train_iou_head: bool = False, train_decoder: bool = True,
                         train_encoder_adapters: bool = True) -> None:
+    task_table = bool(getattr(getattr(model, "config", None), "decoder_adapters", False))
     for name, param in model.named_parameters():
-        param.requires_grad_(is_trainable_name(name, train_iou_head, train_decoder, train_encoder_adapters))
+        param.requires_grad_(is_trainable_name(name, train_iou_head, train_decoder, train_encoder_adapters,
+                                               task_table))
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -47,6 +55,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     for name, param in model.named_parameters():
         if name.startswith("mask_decoder."):
             part = "mask_decoder"
+        elif name.startswith(TASK_DECODER_PREFIX):
+            part = "task_decoder"
         elif "adapter" in name:
             part = "adapters"
         elif "embed." in name and ("modal_embed" in name or "organ_embed" in name):
@@ -68,7 +78,15 @@ def check_all_trainable_used(model: nn.Module, device: torch.device | str = "cpu
     box = torch.tensor([[30.0, 40.0, 150.0, 160.0], [10.0, 20.0, 100.0, 200.0]], device=device)
     modal = torch.tensor([2, 7], device=device)
     organ = torch.tensor([[1, 4, 17, 59], [1, 5, 27, 82]], device=device)
-    out = model(image, box, modal, organ)
+    routed = getattr(model, "task_decoder", None)
+    if routed is not None:  # the probe's first task as a trained one, so the task decoder is reached too
+        saved = routed.trained_tasks.clone()
+        routed.trained_tasks[organ[0, -1]] = True
+    try:
+        out = model(image, box, modal, organ)
+    finally:
+        if routed is not None:
+            routed.trained_tasks.copy_(saved)
     loss = out.masks.float().mean()
     if any(p.requires_grad for n, p in model.named_parameters() if "iou_prediction_head" in n):
         loss = loss + out.iou_pred.float().mean()

@@ -52,7 +52,7 @@ from torch import nn
 
 from .config import LITE_IMG_SIZE, NUM_LITE_BLOCKS, ModelConfig, lite_config
 from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
-from .decoder_adapters import attach_decoder_adapters, decoder_context
+from .decoder_adapters import attach_decoder_adapters, decoder_context, run_routed_decoder
 from .freeze import apply_freeze_policy, encoder_trains
 from .lite_fast import LiteFastPath
 from .medsegx import MedSegXOutput, run_mask_decoder
@@ -533,13 +533,13 @@ class LiteMedSegX(nn.Module):
         # As MedSAMLite.forward: one box per prompt, K x 1 x 4 (the decoder repeats a single image's embedding).
         sparse, dense = self.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
         with decoder_context(self, organ, box.shape[0]):
-            return run_mask_decoder(
-                self.mask_decoder, outputs,
-                image_embeddings=embeddings,
+            return run_routed_decoder(self, lambda decoder, index: run_mask_decoder(
+                decoder, outputs,
+                image_embeddings=embeddings if index is None or embeddings.shape[0] == 1 else embeddings[index],
                 image_pe=self.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-            )
+                sparse_prompt_embeddings=sparse if index is None else sparse[index],
+                dense_prompt_embeddings=dense if index is None else dense[index],
+            ), organ, box.shape[0])
 
     # Prefix cache controls (see LiteImageEncoder).
     def enable_prefix_cache(

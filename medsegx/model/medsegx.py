@@ -24,7 +24,7 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
 from .conmoae import AdapterContext, AdapterSpec, ConMoAE, embed_context
-from .decoder_adapters import decoder_context
+from .decoder_adapters import decoder_context, run_routed_decoder
 from .freeze import encoder_trains
 
 
@@ -204,10 +204,10 @@ class MedSegX(Sam):
         sparse, dense = self.prompt_encoder(points=None, boxes=box.to(embeddings.dtype), masks=None)
         config = getattr(self, "config", None)
         with decoder_context(self, organ, box.shape[0]):
-            return run_mask_decoder(
-                self.mask_decoder, config.mask_outputs if config is not None else "multimask",
-                image_embeddings=embeddings,
+            return run_routed_decoder(self, lambda decoder, index: run_mask_decoder(
+                decoder, config.mask_outputs if config is not None else "multimask",
+                image_embeddings=embeddings if index is None else embeddings[index],
                 image_pe=self.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-            )
+                sparse_prompt_embeddings=sparse if index is None else sparse[index],
+                dense_prompt_embeddings=dense if index is None else dense[index],
+            ), organ, box.shape[0])

@@ -51,9 +51,11 @@ def model_from_args(args: argparse.Namespace, device: torch.device,
                         train_decoder=not getattr(args, "freeze_decoder", False),
                         train_encoder_adapters=not getattr(args, "freeze_encoder_adapters", False),
                         **model_hparams(args))
-    if getattr(args, "freeze_encoder_adapters", False) and not model.config.decoder_adapters:
-        raise UserError("--freeze_encoder_adapters leaves nothing of the encoder to train and this model has no "
-                        "decoder adapters to train instead: add --decoder_adapters (or drop the flag)")
+    cfg = model.config
+    if getattr(args, "freeze_encoder_adapters", False) and not (cfg.decoder_adapters or cfg.task_decoder
+                                                                  or not getattr(args, "freeze_decoder", False)):
+        raise UserError("--freeze_encoder_adapters with --freeze_decoder leaves nothing to train: add "
+                        "--task_decoder or --decoder_adapters (or drop a flag)")
     if for_training:
         unused = check_all_trainable_used(model)
         if unused:  # DDP would hang or fail on them; say which
@@ -110,6 +112,11 @@ def train_run(
                     info.world_size, accum, micro)
         # a resumed run rebuilds the model its checkpoint describes
         model = model_from_args(args, device, state if state is not None else init_weights)
+        if hasattr(model, "task_decoder"):  # the tasks of this training set are decoded by the task decoder
+            tasks = torch.tensor(sorted({int(r.organ[-1]) for r in train_data}), dtype=torch.int64)
+            model.task_decoder.mark_trained(tasks)
+            logger.info("task decoder: %d task(s) of this training set decoded by it, %d in all", len(tasks),
+                        int(model.task_decoder.trained_tasks.sum()))
         optimizer = make_optimizer(model, args)
         use_scaler = args.use_amp and device.type == "cuda" and \
             runtime.resolve_amp_dtype(device, args.amp_dtype) == torch.float16

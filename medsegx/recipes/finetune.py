@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .. import runtime
-from ..checkpointer import LATEST, RunFolderError, RunLock, holds_run
+from ..checkpointer import LATEST, RESULT, RunFolderError, RunLock, holds_run
 from ..data.catalog import open_catalog, problem_summary
 from ..data.dataset import MedSegDataset
 from ..engine import evaluate, make_eval_loader, mean_dsc
@@ -22,7 +22,6 @@ from ..model.checkpoint import atomic_save, checkpoint_state, torch_load
 from ..model.config import default_select
 from .common import model_from_args, train_run
 
-RESULT = "result.json"  # a finished (site, ratio) run's scores
 FINAL = "model_final.pth"  # what a (site, ratio) run ships
 
 logger = logging.getLogger(__name__)
