@@ -188,3 +188,83 @@ def test_pretrain_flags_reach_the_checkpoint(real_db, tmp_path):
     # the encoder's experts stayed at their zero start; the task rows of the training slices moved
     assert all(not v.any() for k, v in weights.items() if k.startswith("image_encoder.") and "adapter_up" in k)
     assert weights["image_encoder.organ_embed.4.weight"].abs().sum(1).gt(0).sum() >= 1
+
+
+# ----------------------------------------------------------------------------- the task decoder
+def _task_pair(model_type: str = "vit_tiny"):
+    torch.manual_seed(0)
+    base = build_model(model_type).eval()
+    torch.manual_seed(0)
+    routed = build_model(model_type, task_decoder=True, train_decoder=False, train_encoder_adapters=False).eval()
+    return base, routed
+
+
+def _perturb_(module: torch.nn.Module, seed: int = 2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+@pytest.mark.parametrize("model_type", ["vit_tiny", pytest.param("lite", marks=pytest.mark.slow)])
+def test_task_decoder_decodes_the_trained_tasks_only(model_type):
+    base, routed = _task_pair(model_type)
+    assert {k for k in routed.state_dict() if not k.startswith("task_decoder.")} == set(base.state_dict())
+    trainable = {n for n, p in routed.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("task_decoder.decoder.") for n in trainable)
+    contexts = [TRAINED, UNSEEN, UNKNOWN, NEUTRAL_TASK]
+    inputs = _inputs(contexts)
+    with torch.no_grad():
+        assert torch.equal(base(*inputs).masks, routed(*inputs).masks), "starts as the backbone's decoder"
+    routed.task_decoder.mark_trained(torch.tensor([int(TRAINED[3]), NEUTRAL_ROW]))
+    assert routed.task_decoder.trained_tasks.sum() == 1
+    _perturb_(routed.task_decoder.decoder)
+    with torch.no_grad():
+        out = routed(*inputs)
+        image, box, modal, organ = inputs
+        plain = base(*inputs)
+        trained_alone = routed(image[:1], box[:1], modal[:1], organ[:1])
+    # every other task: the backbone's decoder with all its outputs (run on the sub-batch of those boxes, so
+    # equal up to the rounding of another batch size)
+    torch.testing.assert_close(out.masks[1:], plain.masks[1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.iou_pred[1:], plain.iou_pred[1:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.masks[1:] > 0, plain.masks[1:] > 0)
+    assert not torch.equal(out.masks[0], plain.masks[0])
+    torch.testing.assert_close(out.masks[:1], trained_alone.masks)  # a mixed batch routes per box
+    if routed.config.loss_outputs() == (0,):  # lite: the trained token in every slot, nothing else to choose
+        assert all(torch.equal(out.masks[0, 0], out.masks[0, k]) for k in range(out.masks.shape[1]))
+
+
+def test_the_training_run_marks_its_tasks_and_the_checkpoint_keeps_them(real_db, tmp_path):
+    cmd = [sys.executable, "pretrain.py", "--model_type", "vit_tiny", "--device_ids", "--num_workers", "0",
+           "--threads", "1", "--data_path", str(real_db / "train"), "--val_path", "none", "--num_epochs", "1",
+           "--max_steps", "2", "--batch_size", "4", "--work_dir", str(tmp_path), "--task_name", "run",
+           "--task_decoder", "--freeze_decoder", "--freeze_encoder_adapters", "--lr", "1e-4"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "model_latest.pth", map_location="cpu", weights_only=True)
+    assert ckpt["config"]["task_decoder"] is True
+    from medsegx.data.catalog import open_catalog
+
+    tasks = {int(r.organ[-1]) for r in open_catalog(real_db / "train", cache_dir=tmp_path)}
+    marked = set(ckpt["model"]["task_decoder.trained_tasks"].nonzero().flatten().tolist())
+    assert marked == tasks and len(tasks) == 4
+    weights = ckpt["model"]
+    assert all(not v.any() for k, v in weights.items() if k.startswith("image_encoder.") and "adapter_up" in k)
+    # the backbone's decoder stayed (not even stored differently), the task decoder moved
+    torch.manual_seed(0)
+    rebuilt = build_model("vit_tiny", model_weight=tmp_path / "run" / "model_latest.pth")
+    assert rebuilt.config.task_decoder and int(rebuilt.task_decoder.trained_tasks.sum()) == 4
+    assert any(not torch.equal(weights[f"task_decoder.decoder.{k}"], weights[f"mask_decoder.{k}"])
+               for k in rebuilt.mask_decoder.state_dict())
+
+
+def test_nothing_to_train_is_a_one_line_error(real_db, tmp_path):
+    cmd = [sys.executable, "pretrain.py", "--model_type", "vit_tiny", "--device_ids", "--num_workers", "0",
+           "--data_path", str(real_db / "train"), "--val_path", "none", "--num_epochs", "1", "--max_steps", "1",
+           "--work_dir", str(tmp_path), "--task_name", "run", "--freeze_decoder", "--freeze_encoder_adapters"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "leaves nothing to train" in proc.stderr.strip().splitlines()[-1]

@@ -255,16 +255,21 @@ def test_predict_runs_the_onnx_backend_end_to_end(exported, tmp_path, capsys, mo
     assert outputs["torch"].any() and (outputs["torch"] != outputs["onnx"]).sum() <= 2
 
 
-def test_decoder_adapters_export_with_the_context_as_a_decoder_input(tmp_path):
-    """A model with context-gated decoder adapters: the decoder graph takes ``organ`` too, and a trained task
-    row changes the masks there exactly as in torch."""
+@pytest.mark.parametrize("part", ["decoder_adapters", "task_decoder"])
+def test_context_decoders_export_with_the_context_as_a_decoder_input(tmp_path, part):
+    """A model with context-gated decoder adapters or a task decoder: the decoder graph takes ``organ`` too,
+    and per box it decodes as torch does (a trained task row / a trained task)."""
     torch.manual_seed(3)
-    model = build_model("vit_tiny", decoder_adapters=True).eval()
+    model = build_model("vit_tiny", **{part: True}).eval()
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "adapter_" in name or name.startswith(("image_encoder.modal_embed", "image_encoder.organ_embed")):
+            if "adapter_" in name or name.startswith(("image_encoder.modal_embed", "image_encoder.organ_embed",
+                                                      "task_decoder.")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    if part == "task_decoder":
+        example = _example_inputs(model, batch=3, seed=21)
+        model.task_decoder.mark_trained(example["organ"][:2, 3])  # a mixed batch: two trained, one not
     meta = export_onnx(model, tmp_path / "dec", source={"model_type": "vit_tiny"})
     assert "organ" in meta["decoder"]["inputs"] and meta["check"]["masks_equal"]
     onnx_model = OnnxModel.load(tmp_path / "dec", threads=1)

@@ -189,24 +189,29 @@ def run_routed_decoder(model: nn.Module, run, organ: torch.Tensor | None, batch:
     if organ is None:
         raise ValueError("this model has a task decoder: decode() needs the slices' organ indices (B x 4)")
     known = routed.known(organ, batch)
+    if torch.compiler.is_exporting():  # a graph (ONNX): both decoders, then per box the one its task takes
+        masks_k, iou_k = trained_outputs(model, run, routed, None)
+        masks_o, iou_o = run(model.mask_decoder, None)
+        return (torch.where(known.view(-1, 1, 1, 1), masks_k, masks_o), torch.where(known.view(-1, 1), iou_k, iou_o))
     if not bool(known.any()):
         return run(model.mask_decoder, None)
 
-    def trained(index):
-        masks, iou = run(routed.decoder, index)
-        if routed.single_output is not None:
-            k = masks.shape[1]
-            masks = masks[:, routed.single_output:routed.single_output + 1].expand(-1, k, -1, -1)
-            iou = iou[:, routed.single_output:routed.single_output + 1].expand(-1, k)
-        return masks, iou
-
     if bool(known.all()):
-        return trained(None)
+        return trained_outputs(model, run, routed, None)
     idx_known, idx_other = known.nonzero().flatten(), (~known).nonzero().flatten()
-    masks_k, iou_k = trained(idx_known)
+    masks_k, iou_k = trained_outputs(model, run, routed, idx_known)
     masks_o, iou_o = run(model.mask_decoder, idx_other)
     masks = masks_k.new_empty((batch, *masks_k.shape[1:]))
     iou = iou_k.new_empty((batch, *iou_k.shape[1:]))
     masks[idx_known], masks[idx_other] = masks_k, masks_o
     iou[idx_known], iou[idx_other] = iou_k, iou_o
+    return masks, iou
+
+
+def trained_outputs(model: nn.Module, run, routed: TaskDecoder, index):
+    """The task decoder's outputs for boxes ``index``: only the trained one(s), repeated in every slot."""
+    masks, iou = run(routed.decoder, index)
+    if routed.single_output is not None:
+        j, k = routed.single_output, masks.shape[1]
+        masks, iou = masks[:, j:j + 1].expand(-1, k, -1, -1), iou[:, j:j + 1].expand(-1, k)
     return masks, iou

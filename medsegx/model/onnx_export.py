@@ -7,7 +7,7 @@
   level the task does not determine) -> ``embeddings`` ``B x C x h x w`` and ``gates``
   ``n_adapted x B x E``. The context rows are inputs because ConMoAE's expert gates depend on them.
 - ``prompt_decoder.onnx``: ``embeddings`` and ``box`` ``B x 4`` float32 (x0, y0, x1, y1 on the
-  256 grid), and ``organ`` as above for a model with decoder adapters (``decoder_adapters``) -> ``masks`` ``B x M x 256 x 256`` logits and ``iou_pred`` ``B x M`` (M = 3 for
+  256 grid), and ``organ`` as above for a model with decoder adapters or a task decoder -> ``masks`` ``B x M x 256 x 256`` logits and ``iou_pred`` ``B x M`` (M = 3 for
   ``mask_outputs="multimask"``, 1 for "single", as the config says).
 - ``medsegx_onnx.json``: what the files expect (input size, normalisation, names, shapes and
   dtypes), the model config they came from, the weights, opset and the torch / onnx versions.
@@ -85,6 +85,10 @@ class _DecoderGraph(nn.Module):
         return self.model.decode(embeddings, box, organ=organ)
 
 
+def _decoder_reads_context(cfg) -> bool:
+    return bool(cfg.decoder_adapters or cfg.task_decoder)
+
+
 def _example_inputs(model: nn.Module, batch: int = EXPORT_BATCH, seed: int = 0) -> dict[str, torch.Tensor]:
     """A 0..255 image batch, boxes and context rows (one neutral level) on the 256 grid."""
     g = torch.Generator().manual_seed(seed)
@@ -126,8 +130,8 @@ def _io_spec(model: nn.Module, embeddings: torch.Tensor, gates: torch.Tensor, ma
         "decoder": {
             "inputs": {"embeddings": {"shape": ["B", int(c), int(h), int(w)], "dtype": "float32"},
                        "box": {"shape": ["B", 4], "dtype": "float32"},
-                       # the decoder adapters' gates read the task row (model/decoder_adapters.py)
-                       **({"organ": {"shape": ["B", 4], "dtype": "int64"}} if model.config.decoder_adapters else {})},
+                       # the decoder adapters' gates and the task decoder read the task (model/decoder_adapters.py)
+                       **({"organ": {"shape": ["B", 4], "dtype": "int64"}} if _decoder_reads_context(model.config) else {})},
             "outputs": {"masks": {"shape": ["B", int(masks.shape[1]), size, size], "dtype": "float32"},
                         "iou_pred": {"shape": ["B", int(masks.shape[1])], "dtype": "float32"}},
         },
@@ -161,7 +165,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, source: Mapping[str, A
         encoder = _to_proto_bytes(_EncoderGraph(model), (image, example["modal"], example["organ"]),
                                   ["image", "modal", "organ"], ["embeddings", "gates"],
                                   {"image": 0, "modal": 0, "organ": 0}, opset)
-        names = ["embeddings", "box"] + (["organ"] if cfg.decoder_adapters else [])
+        names = ["embeddings", "box"] + (["organ"] if _decoder_reads_context(cfg) else [])
         decoder = _to_proto_bytes(_DecoderGraph(model), tuple(example[n] if n != "embeddings" else embeddings
                                                               for n in names),
                                   names, ["masks", "iou_pred"], dict.fromkeys(names, 0), opset)
