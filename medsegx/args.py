@@ -211,6 +211,11 @@ def _resolve_select(args: argparse.Namespace, evaluation: bool) -> None:
         args.select = default_select(args.model_type, evaluation=evaluation)
 
 
+def default_lr(finetune: bool) -> float:
+    """--lr when not given: the paper's 1e-3 for pre-training, 5e-5 for fine-tuning."""
+    return 5e-5 if finetune else 1e-3
+
+
 def train_parser(description: str, finetune: bool, prog: str | None = None) -> Parser:
     p = Parser(prog=prog, description=description, checks=[_check_training, _resolve_box_jitter])
     _model_group(p)
@@ -218,11 +223,10 @@ def train_parser(description: str, finetune: bool, prog: str | None = None) -> P
                    help="MedSegDB root or its train/ folder" if not finetune else
                         "the OOD (or RealWorld) folder whose sites are fine-tuned")
     p.add_argument("--num_epochs", type=positive_int, default=30, help="epochs to train")
-    default_lr = 1e-3 if not finetune else 5e-5
     p.add_argument("--lr", type=positive_float, default=None,
-                   help=f"AdamW learning rate (default {default_lr:g}; a resumed run keeps its checkpoint's unless "
-                        "given)")
-    p.set_defaults(_default_lr=default_lr, finetune=finetune)
+                   help=f"AdamW learning rate (default {default_lr(finetune):g}; a resumed run keeps its checkpoint's "
+                        "unless given)")
+    p.set_defaults(finetune=finetune)
     p.add_argument("--weight_decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
     p.add_argument("--freeze_decoder", action="store_true",
                    help="train the adapters and context embeddings only (the mask decoder keeps its weights)")

@@ -101,13 +101,25 @@ def launch(worker: Callable[[Any], Any], args: Any) -> Any:
                     raise SystemExit(EXIT_USER_ERROR) from None
                 raise
             return None
-        args._gpus = gpus
-        return worker(args)
+        _set_gpus(gpus)
+        try:
+            return worker(args)
+        finally:
+            _set_gpus(None)
+
+
+# The GPUs launch() resolved for this process's run (None: not launched through it).
+_GPUS: list[int] | None = None
+
+
+def _set_gpus(gpus: list[int] | None) -> None:
+    global _GPUS
+    _GPUS = None if gpus is None else list(gpus)
 
 
 def _spawned(index: int, worker: Callable[[Any], Any], args: Any, gpus: list[int]) -> None:
     os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(len(gpus)))
-    args._gpus = gpus
+    _set_gpus(gpus)
     with user_errors(args):
         worker(args)
 
@@ -118,7 +130,7 @@ def init_distributed(args: Any) -> DistInfo:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", rank))
-        gpus = getattr(args, "_gpus", None) or available_gpus(getattr(args, "device_ids", None) or list(range(torch.cuda.device_count())))
+        gpus = _GPUS or available_gpus(getattr(args, "device_ids", None) or list(range(torch.cuda.device_count())))
         if gpus and torch.cuda.is_available():
             device = torch.device("cuda", gpus[local % len(gpus)])
             torch.cuda.set_device(device)
@@ -129,7 +141,7 @@ def init_distributed(args: Any) -> DistInfo:
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
         _DIST = DistInfo(rank, world, local, device)
     else:
-        gpus = getattr(args, "_gpus", None)
+        gpus = _GPUS
         if gpus is None:
             gpus = available_gpus(getattr(args, "device_ids", None))
         device = torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import runtime
-from ..args import model_hparams
+from ..args import default_lr, model_hparams
 from ..checkpointer import Checkpointer
 from ..data.dataset import MedSegDataset
 from ..engine import FitConfig, fit, make_eval_loader, make_train_loader, restore_training_state, unwrap
@@ -180,7 +180,7 @@ def group_lrs(args: argparse.Namespace) -> list[float | None]:
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: the adapters and context embeddings at --lr, the mask decoder at
     --decoder_lr (default --lr) unless --freeze_decoder."""
-    lr = args.lr if args.lr is not None else args._default_lr
+    lr = args.lr if args.lr is not None else default_lr(args.finetune)
     named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
     groups = [{"name": "adapters", "params": [p for n, p in named if not n.startswith("mask_decoder.")], "lr": lr}]
     decoder = [p for n, p in named if n.startswith("mask_decoder.")]
