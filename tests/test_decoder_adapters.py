@@ -179,7 +179,7 @@ def test_pretrain_flags_reach_the_checkpoint(real_db, tmp_path):
            "--threads", "1", "--data_path", str(real_db / "train"), "--val_path", "none", "--num_epochs", "1",
            "--max_steps", "2", "--batch_size", "4", "--work_dir", str(tmp_path), "--task_name", "run",
            "--decoder_adapters", "--freeze_decoder", "--freeze_encoder_adapters"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "model_latest.pth", map_location="cpu", weights_only=True)
@@ -240,7 +240,7 @@ def test_the_training_run_marks_its_tasks_and_the_checkpoint_keeps_them(real_db,
            "--threads", "1", "--data_path", str(real_db / "train"), "--val_path", "none", "--num_epochs", "1",
            "--max_steps", "2", "--batch_size", "4", "--work_dir", str(tmp_path), "--task_name", "run",
            "--task_decoder", "--freeze_decoder", "--freeze_encoder_adapters", "--lr", "1e-4"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "model_latest.pth", map_location="cpu", weights_only=True)
@@ -264,7 +264,7 @@ def test_nothing_to_train_is_a_one_line_error(real_db, tmp_path):
     cmd = [sys.executable, "pretrain.py", "--model_type", "vit_tiny", "--device_ids", "--num_workers", "0",
            "--data_path", str(real_db / "train"), "--val_path", "none", "--num_epochs", "1", "--max_steps", "1",
            "--work_dir", str(tmp_path), "--task_name", "run", "--freeze_decoder", "--freeze_encoder_adapters"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "leaves nothing to train" in proc.stderr.strip().splitlines()[-1]
