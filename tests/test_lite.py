@@ -96,7 +96,7 @@ def test_config_and_freeze_policy(lite):
     assert "image_encoder.layers.2.blocks.0.mlp.fc1.weight" in names  # unadapted block: LiteMedSAM's key
     assert not any("adapter" in n for n in names if n.startswith("image_encoder.layers.2."))
     for name, param in names.items():
-        assert param.requires_grad == is_trainable_name(name), name
+        assert param.requires_grad == is_trainable_name(name, has_task_decoder=True), name
     trainable = {n for n, p in names.items() if p.requires_grad}
     assert "image_encoder.modal_embed.weight" in trainable and "image_encoder.organ_embed.4.weight" in trainable
     assert not any(n.startswith("mask_decoder.iou_prediction_head.") for n in trainable)

@@ -34,8 +34,8 @@ CT_LABEL = ("data", "volumes", "ct_abdomen_small_label.nii.gz")
 ORGANS = "5:Liver,1:Spleen,2:RightKidney,3:LeftKidney"
 # the middle four of the slices (0..18) on which all four organs are present
 SLAB = slice(7, 11)
-# 3-D DSC of LiteMedSAM on SLAB with boxes from the labels, the lite default (token 0 of four, LiteMedSAM's own
-# output): measured 0.8009 / 0.9790 / 0.9171 / 0.9336 (README "Segment your own scan"; with --select
+# 3-D DSC of LiteMedSAM on SLAB with boxes from the labels, token 0 of four (--select first, LiteMedSAM's own
+# output): measured 0.8009 / 0.9790 / 0.9171 / 0.9336 (README "Segment your own scan"; with the lite default
 # first_consensus the liver falls to 0.6576, docs/GENERALISATION.md); the floors sit a little below.
 LITE_SLAB_DSC_FLOOR = {5: 0.77, 1: 0.94, 2: 0.88, 3: 0.90}
 
@@ -107,7 +107,7 @@ def test_lite_reaches_the_readme_dsc_in_the_input_geometry(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "predict.py"), "--model_type", "lite", "-i", str(image), "-o", str(out),
          "--modality", "CT", "--prompt_mask", str(label), "--labels_map", ORGANS, "--reference", str(label),
-         "--overlay", "--no_progress"],
+         "--overlay", "--no_progress", "--select", "first"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "MEDSEGX_MALLOC_TUNING": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = sitk.ReadImage(str(out / "slab.nii.gz"))
@@ -124,7 +124,7 @@ def test_lite_reaches_the_readme_dsc_in_the_input_geometry(tmp_path):
     assert scores[5]["dsc"] == pytest.approx(liver, abs=1e-9)
     for obj in log["objects"]:
         assert obj["slices_predicted"] == 4 and [s["z_index"] for s in obj["slices"]] == [0, 1, 2, 3]
-        # lite offers the four mask tokens; its default ("first") takes LiteMedSAM's own, token 0
+        # lite offers the four mask tokens; --select first takes LiteMedSAM's own, token 0
         assert all(s["output"] == 0 and len(s["iou_pred"]) == 4 for s in obj["slices"])
     assert (out / "slab_overlay.png").stat().st_size > 10_000
 
@@ -504,20 +504,19 @@ def test_segment_numpy_2d_and_3d():
 
 
 def test_default_selection_follows_the_backbone():
-    """--select / Segmenter(select=None): the backbone's label-free default (lite: token 0 of its four, LiteMedSAM's
-    own output; SAM: the IoU head); evaluation of SAM backbones keeps the paper's oracle."""
+    """--select / Segmenter(select=None): the backbone's label-free default (lite: first_consensus, token 0 unless
+    it is in doubt; SAM: the IoU head); evaluation of SAM backbones keeps the paper's oracle."""
     import evaluate_internal
     from medsegx.model.config import model_config
 
     model = BrightInBox()
     model.config = model_config("lite")
-    assert Segmenter(model).runner.select == "first"
+    assert Segmenter(model).runner.select == "first_consensus"
     model.config = model_config("vit_b")
     assert Segmenter(model).runner.select == "iou"
     base = ["-i", "x", "-o", "y", "--modality", "CT", "--box", "1", "1", "2", "2"]
-    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite"]).select == "first"
-    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite", "--select", "first_consensus"]
-                                            ).select == "first_consensus"
+    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite"]).select == "first_consensus"
+    assert cli.get_args_parser().parse_args([*base, "--model_type", "lite", "--select", "first"]).select == "first"
     evaluation = evaluate_internal.get_args_parser()
-    assert evaluation.parse_args(["--data_path", "x", "--model_type", "lite"]).select == "first"
+    assert evaluation.parse_args(["--data_path", "x", "--model_type", "lite"]).select == "first_consensus"
     assert evaluation.parse_args(["--data_path", "x"]).select == "oracle"  # vit_b: the published protocol

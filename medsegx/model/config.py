@@ -21,7 +21,7 @@ LITE_BOX_JITTER = 5
 
 # Which output a box gets (``--select``): the names are medsegx.selection's, the rules medsegx/metrics/select.py's.
 # The default label-free choice per backbone (docs/GENERALISATION.md, "Choosing the output without a label").
-LITE_SELECT = "first"
+LITE_SELECT = "first_consensus"
 SAM_SELECT = "iou"
 
 
@@ -218,6 +218,9 @@ def lite_config() -> ModelConfig:
         iou_head_hidden_dim=256,
         mask_in_chans=16,
         adapted_blocks=DEFAULT_ADAPTED_BLOCKS,
+        # the trained tasks get a decoder of their own, every other task LiteMedSAM's exactly (the study's
+        # winner, docs/GENERALISATION.md "Context in the mask decoder")
+        task_decoder=True,
         # every token a candidate of the label-free choice (LITE_SELECT); the loss stays on token 0
         mask_outputs="all",
         pixel_mean=(0.0, 0.0, 0.0),

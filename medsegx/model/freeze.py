@@ -12,7 +12,8 @@ TASK_DECODER_PREFIX = "task_decoder."
 
 
 def is_trainable_name(name: str, train_iou_head: bool = False, train_decoder: bool = True,
-                      train_encoder_adapters: bool = True, train_task_table: bool = True) -> bool:
+                      train_encoder_adapters: bool = True, train_task_table: bool = True,
+                      has_task_decoder: bool = False) -> bool:
     """The freeze policy: adapters, context embeddings and the mask decoder train; nothing else.
 
     The IoU head trains only when it has a loss (``--iou_loss_weight > 0``): an
@@ -21,15 +22,18 @@ def is_trainable_name(name: str, train_iou_head: bool = False, train_decoder: bo
     ``train_encoder_adapters=False`` (``--freeze_encoder_adapters``) fixes the image encoder, its ConMoAE
     included (the models run it without autograd, :func:`encoder_trains`): the decoder adapters learn, and
     of the context tables the task table, which gates them (``train_task_table``: the model has decoder
-    adapters); the tables only the encoder reads stay. The task decoder (``task_decoder.*``) always trains:
-    it exists to.
+    adapters); the tables only the encoder reads stay. The task decoder (``task_decoder.*``) always trains,
+    its IoU head when it has a loss; a model with one (``has_task_decoder``) keeps the backbone's decoder
+    fixed, whatever ``train_decoder`` says: it is what every task that no training saw is decoded by.
     """
+    if name.startswith(TASK_DECODER_PREFIX):
+        return train_iou_head or ".iou_prediction_head." not in name
+    if name.startswith("mask_decoder.") and has_task_decoder:
+        return False
     if name.startswith("mask_decoder.iou_prediction_head."):
         return train_iou_head
     if name.startswith("mask_decoder."):
         return train_decoder
-    if name.startswith(TASK_DECODER_PREFIX):
-        return True
     if not train_encoder_adapters and name.startswith("image_encoder."):
         return train_task_table and name.startswith(f"image_encoder.organ_embed.{TASK_TABLE}.")
     return "adapter" in name or ".modal_embed." in name or ".organ_embed." in name
@@ -44,9 +48,10 @@ def encoder_trains(model: nn.Module) -> bool:
 def apply_freeze_policy(model: nn.Module, train_iou_head: bool = False, train_decoder: bool = True,
                         train_encoder_adapters: bool = True) -> None:
     task_table = bool(getattr(getattr(model, "config", None), "decoder_adapters", False))
+    task_decoder = hasattr(model, "task_decoder")
     for name, param in model.named_parameters():
         param.requires_grad_(is_trainable_name(name, train_iou_head, train_decoder, train_encoder_adapters,
-                                               task_table))
+                                               task_table, task_decoder))
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
