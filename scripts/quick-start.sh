@@ -62,7 +62,7 @@ $PY evaluate_external.py --model_type lite --data_path $DB/eval/OOD --shift_type
 echo "[quick-start] 2/3 pre-training ConMoAE on $DB/train (CPU, ${QUICKSTART_EPOCHS:-4} epochs)"
 # No validation: eval/ID is the test set, so it must not pick the checkpoint; the last epoch's weights are scored.
 $PY pretrain.py --model_type lite --data_path $DB/train --val_path none --num_epochs "${QUICKSTART_EPOCHS:-4}" \
-    --batch_size 8 --lr 1e-4 --freeze_encoder_adapters --prefix_cache --work_dir $WORK --task_name lite-conmoae \
+    --batch_size 8 --lr 2e-4 --freeze_encoder_adapters --prefix_cache --work_dir $WORK --task_name lite-conmoae \
     "${COMMON[@]}"
 WEIGHT=$WORK/lite-conmoae/model_latest.pth
 

@@ -3,9 +3,9 @@
 # the CPU, then fine-tuning on a new task (the README's "Fine-tuning a new site").
 #   bash scripts/reproduce-real.sh [MedSegDB-real folder]   (default: ../shared/data/MedSegDB-real)
 # 1. zero-shot LiteMedSAM (adapters at zero) on eval/ID and on the OOD cross-task site (HC18 fetal head);
-# 2. pre-training on train/ (a few minutes on 2 cores) with the "taskdec" recipe of
+# 2. pre-training on train/ (a few minutes on 2 cores) with the "taskdec-lr2" recipe of
 #    scripts/reproduce-generalisation.sh, the README's: the image encoder fixed (--freeze_encoder_adapters),
-#    the lite default's task decoder learns the training set's tasks at lr 1e-4 (LR) while every other task
+#    the lite default's task decoder learns the training set's tasks at lr 2e-4 (LR) while every other task
 #    keeps LiteMedSAM's decoder exactly; training boxes grown by LiteMedSAM's own 0..5 px (the lite default);
 #    a fixed number of epochs and no validation, so eval/ID never picks the checkpoint (the last epoch's
 #    weights are scored);
@@ -29,7 +29,7 @@ $PY evaluate_external.py "${COMMON[@]}" --data_path $DB/eval/OOD --shift_type cr
     --batch_size 8
 train_start=$(date +%s)
 $PY pretrain.py "${COMMON[@]}" --data_path $DB/train --val_path none --num_epochs ${EPOCHS:-12} \
-    --batch_size 8 --lr ${LR:-1e-4} --freeze_encoder_adapters --prefix_cache --work_dir $OUT --task_name pretrain
+    --batch_size 8 --lr ${LR:-2e-4} --freeze_encoder_adapters --prefix_cache --work_dir $OUT --task_name pretrain
 echo "[reproduce] pre-training: $(( $(date +%s) - train_start )) s"
 $PY evaluate_internal.py "${COMMON[@]}" --model_weight $OUT/pretrain/model_latest.pth --data_path $DB/eval/ID \
     --batch_size 8

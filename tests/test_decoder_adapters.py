@@ -216,7 +216,7 @@ def test_task_decoder_decodes_the_trained_tasks_only(model_type):
     inputs = _inputs(contexts)
     with torch.no_grad():
         assert torch.equal(base(*inputs).masks, routed(*inputs).masks), "starts as the backbone's decoder"
-    routed.task_decoder.mark_trained(torch.tensor([int(TRAINED[3]), NEUTRAL_ROW]))
+    routed.task_decoder.mark_trained(torch.tensor([int(TRAINED[3]), NEUTRAL_ROW, UNKNOWN_TASK]))  # only the first
     assert routed.task_decoder.trained_tasks.sum() == 1
     _perturb_(routed.task_decoder.decoder)
     with torch.no_grad():

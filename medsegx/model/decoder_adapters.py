@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.taxonomy import UNKNOWN_TASK
 from .conmoae import NUM_ORGAN_LEVELS, lookup_rows
 
 # The gate reads t / (|t| + GATE_EPS): smooth, exactly 0 at t = 0, the unit direction once |t| >> GATE_EPS
@@ -168,8 +169,9 @@ class TaskDecoder(nn.Module):
 
     @torch.no_grad()
     def mark_trained(self, tasks: torch.Tensor) -> None:
-        """Mark the task rows ``tasks`` (indices; ``NEUTRAL_ROW`` entries ignored) as trained."""
-        tasks = tasks[tasks >= 0].to(self.trained_tasks.device)
+        """Mark the task rows ``tasks`` (indices) as trained. ``NEUTRAL_ROW`` and the spare unknown-task row are
+        never marked: they stand for every task the taxonomy does not name, which no training set can speak for."""
+        tasks = tasks[(tasks >= 0) & (tasks != UNKNOWN_TASK)].to(self.trained_tasks.device)
         self.trained_tasks[tasks] = True
 
     def known(self, organ: torch.Tensor, batch: int) -> torch.Tensor:
