@@ -7,6 +7,7 @@ full disk leaves the previous complete set, never new tables beside a truncated 
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from typing import IO, Any
 from .errors import NoSpaceError, UserError, is_disk_full
 
 Writer = Callable[[IO[bytes]], Any]
+NamedWriter = Callable[[Path], Any]  # writes the file it is given by name (SimpleITK picks the format by extension)
 
 # Below this much free space a failed write is reported as a full disk (torch's serializer hides the errno).
 _NEARLY_FULL_BYTES = 1 << 20
@@ -29,15 +31,43 @@ def _disk_nearly_full(folder: Path) -> bool:
     return st.f_bavail * st.f_frsize < _NEARLY_FULL_BYTES
 
 
-def _write_temp(path: Path, write: Writer) -> Path:
-    """``write`` into a new temporary file beside ``path`` (flushed and synced) -> its path."""
+def _open_mode() -> int:
+    """The permissions ``open()`` gives a new file (the umask's), not ``mkstemp``'s owner-only 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def file_extension(path: Path) -> str:
+    """``.nii.gz`` for ``x.nii.gz``, else the last suffix."""
+    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+
+
+def _write_temp(path: Path, write: Writer | NamedWriter, *, like_open: bool = False, named: bool = False) -> Path:
+    """``write`` into a new temporary file beside ``path`` (flushed and synced) -> its path.
+
+    ``named``: ``write`` takes the temporary file's path, which keeps ``path``'s extension;
+    ``like_open``: the file gets the permissions of :func:`_open_mode`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    suffix = ".tmp" + (file_extension(path) if named else "")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        if like_open:
+            os.chmod(tmp, _open_mode())
+        if named:
+            os.close(fd)
+            write(Path(tmp))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, Exception) and (is_disk_full(err) or _disk_nearly_full(path.parent)):
@@ -46,18 +76,43 @@ def _write_temp(path: Path, write: Writer) -> Path:
     return Path(tmp)
 
 
-def atomic_write(path: str | Path, write: Writer) -> Path:
-    """Write ``path`` through ``write(binary_handle)`` atomically (see module doc) -> ``path``."""
+def atomic_write(path: str | Path, write: Writer, *, like_open: bool = False) -> Path:
+    """Write ``path`` through ``write(binary_handle)`` atomically (see module doc) -> ``path``.
+
+    ``like_open``: the permissions ``open()`` would give (the umask's) instead of owner-only.
+    """
     path = Path(path)
-    tmp = _write_temp(path, write)
+    tmp = _write_temp(path, write, like_open=like_open)
     os.replace(tmp, path)
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+def atomic_write_named(path: str | Path, write: NamedWriter) -> Path:
+    """Write ``path`` atomically through ``write(temporary_path)``, for writers that take a file name;
+    the temporary file keeps ``path``'s extension and gets ``open()``'s permissions -> ``path``."""
+    path = Path(path)
+    tmp = _write_temp(path, write, like_open=True, named=True)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, *, like_open: bool = False) -> Path:
     """A UTF-8 text file, written atomically."""
     data = text.encode("utf-8")
-    return atomic_write(path, lambda handle: handle.write(data))
+    return atomic_write(path, lambda handle: handle.write(data), like_open=like_open)
+
+
+def format_json(value: object, indent: int = 0, width: int = 170) -> str:
+    """JSON with one line per short item (a slice's record), nested blocks otherwise."""
+    flat = json.dumps(value, allow_nan=False)
+    if len(flat) + indent <= width or not isinstance(value, (dict, list)) or not value:
+        return flat
+    pad = " " * (indent + 1)
+    if isinstance(value, dict):
+        items = [f"{pad}{json.dumps(k)}: {format_json(v, indent + 1, width)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    items = [pad + format_json(v, indent + 1, width) for v in value]
+    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
 
 
 def atomic_write_set(files: Mapping[str | Path, Writer | str]) -> list[Path]:
@@ -103,6 +158,14 @@ def remove_stale_temps(folder: str | Path, names: tuple[str, ...] | None = None)
     return removed
 
 
+class NotWritableError(UserError):
+    """A folder that cannot be created or written to; ``reason`` is the system's word for why."""
+
+    def __init__(self, path: Path, what: str, reason: str) -> None:
+        super().__init__(f"cannot write to the {what} {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
 def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
     """Create ``path`` if needed and check that a file can be written there, before any work."""
     path = Path(path)
@@ -114,6 +177,5 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
     except OSError as err:
         if is_disk_full(err):
             raise NoSpaceError(path) from None
-        reason = err.strerror or str(err)
-        raise UserError(f"cannot write to the {what} {path}: {reason}") from None
+        raise NotWritableError(path, what, err.strerror or str(err)) from None
     return path

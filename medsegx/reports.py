@@ -476,7 +476,42 @@ def plot_gallery(samples: Sequence[dict[str, Any]], path: str | Path | None) -> 
     return _finish_figure(fig, path, dpi=80)
 
 
-def _finish_figure(fig: Any, path: str | Path | None, **savefig_kwargs: Any) -> Path | Any:
+def plot_label_overlay(panels: Sequence[dict[str, Any]], legend: Sequence[tuple[int, str]], aspect: float,
+                       path: str | Path) -> Path:
+    """PNG of slices side by side, each with its label map over it (one colour per label value) and boxes.
+
+    Each panel: ``{"title": str, "image": H x W in 0..1 (grey), "labels": H x W label values,
+    "boxes": [(label, x, y, width, height), ...]}`` in pixels; ``legend``: ``(label, name)`` pairs;
+    ``aspect``: the height of a pixel over its width. Written with the permissions ``open()`` gives.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    colours = plt.get_cmap("tab10")
+    height, width = panels[0]["image"].shape[:2]
+    panel_height = 3.6 * min(max(height * aspect / width, 0.3), 2.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), panel_height + 0.9), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        ax.imshow(np.clip(panel["image"], 0, 1), cmap="gray", aspect=aspect, interpolation="nearest")
+        labels = panel["labels"]
+        overlay = np.zeros((*labels.shape, 4))
+        for value in np.unique(labels[labels > 0]):
+            overlay[labels == value] = (*colours(int(value) % 10)[:3], 0.45)
+        ax.imshow(overlay, aspect=aspect, interpolation="nearest")
+        for label, x, y, w, h in panel["boxes"]:
+            ax.add_patch(Rectangle((x, y), w, h, fill=False, lw=1.0, ec=colours(label % 10)))
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_axis_off()
+    handles = [Patch(color=colours(label % 10), label=name) for label, name in legend]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
+    return _finish_figure(fig, path, like_open=True, dpi=110)
+
+
+def _finish_figure(fig: Any, path: str | Path | None, like_open: bool = False, **savefig_kwargs: Any) -> Path | Any:
     """Write ``fig`` atomically to ``path``; with ``path=None``, render it now and return a PNG writer."""
     import matplotlib.pyplot as plt
 
@@ -487,7 +522,7 @@ def _finish_figure(fig: Any, path: str | Path | None, **savefig_kwargs: Any) -> 
     write = lambda handle: handle.write(data)  # noqa: E731
     if path is None:
         return write
-    return atomic_write(path, write)
+    return atomic_write(path, write, like_open=like_open)
 
 
 # ----------------------------------------------------------------------------- everything

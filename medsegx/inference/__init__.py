@@ -1,6 +1,6 @@
 """Prediction on a user's own scans: prompts -> per-slice boxes (prompts.py), batched forwards and
-propagation (runner.py), one case in its original geometry (case.py), the command (cli.py) and the
-notebook API :class:`Segmenter` (segmenter.py)."""
+propagation (runner.py), one case in its original geometry (case.py), and :class:`Segmenter`
+(segmenter.py), the one pipeline of the Python API, ``predict.py`` and ``medsegx serve``."""
 from __future__ import annotations
 
 __all__ = ["Segmenter"]

@@ -3,16 +3,13 @@
 The image goes through :mod:`medsegx.data.volume`'s slice stack (the re-orientation, intensity
 mapping and resampling ``prepare_data.py`` applies), the model runs on its slices
 (:class:`~medsegx.inference.runner.SliceRunner`), and the masks come back through the exact inverse
-(:func:`~medsegx.data.volume.mask_to_plane`, :func:`~medsegx.data.volume.stack_to_image`). Labels are
-read only by :func:`score_reference`, after the prediction.
+(:func:`~medsegx.data.volume.mask_to_plane`, :func:`~medsegx.data.volume.stack_to_image`). The prompts
+are checked once, before any work, by :func:`check_prompts` (``predict.py``'s plan, the Segmenter's entry
+points, ``medsegx serve``'s request parsing).
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +23,9 @@ from ..data.errors import ConversionError, DataError
 from ..data.intensity import to_display
 from ..data.presets import DEFAULT_PERCENTILES
 from ..data.sources import IMAGE2D_EXTENSIONS, VOLUME_EXTENSIONS, read_image
-from ..data.volume import SliceStack, slice_stack, stack_intensity, stack_to_image
+from ..data.volume import SliceStack, mask_to_plane, put_plane, slice_stack, stack_intensity, stack_to_image
+from ..fileio import atomic_write_named, atomic_write_text, format_json
+from ..reports import plot_label_overlay
 from .prompts import (
     NPY_EXTENSION,
     PROPAGATE_GROW,
@@ -41,7 +40,7 @@ from .prompts import (
     slice_boxes,
 )
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: the runner (torch) does not import this module, nor this module it
     from .runner import SliceOutput, SliceRunner
 
 logger = logging.getLogger(__name__)
@@ -87,6 +86,29 @@ def read_case_image(path: str | Path) -> sitk.Image:
 def output_suffix(kind: str) -> str:
     """``.png`` for 2-D inputs, ``.nii.gz`` for volumes (NIfTI, NRRD, MHA, DICOM)."""
     return ".png" if kind == "image2d" else ".nii.gz"
+
+
+@dataclass
+class CaseJob:
+    """One case to predict, its prompts checked (:func:`check_prompts`), and the files it writes."""
+
+    case: str
+    image: Path
+    output: Path | None = None                 # the label map
+    objects: list[ObjectPrompt] | None = None  # boxes; None: from the prompt mask
+    prompt_mask: Path | None = None
+    reference: Path | None = None              # scored against when given
+    log: Path | None = None                    # the JSON record
+    overlay: Path | None = None                # the overlay PNG
+
+
+def check_prompts(prompts: Sequence[ObjectPrompt] | None, size: Sequence[int], propagate: bool, where: str) -> None:
+    """Every box inside the image (``size`` in ITK order), and propagation only from boxes; :class:`PromptError`."""
+    for prompt in prompts or ():
+        if prompt.box is not None:
+            check_box_inside(prompt.box, size, where)
+    if propagate and (prompts is None or any(p.box is None for p in prompts)):
+        raise PromptError(f"{where}: --propagate starts from a box; it does not apply to a prompt mask")
 
 
 # --------------------------------------------------------------------------- predicting one case
@@ -170,7 +192,6 @@ def prepare_objects(stack: SliceStack, image_size: Sequence[int], prompts: Seque
         bounds = stack_intensity(stack, context.modality, context.task or "", opts.window, opts.percentiles,
                                  intensity_cache)
         if prompt.box is not None:
-            check_box_inside(prompt.box, image_size, where)
             canonical = stack.to_canonical(box_mask(prompt.box, stored_shape))
         else:
             canonical = stack.to_canonical(np.isin(prompt_mask, prompt.mask_values))
@@ -207,21 +228,18 @@ def predict_case(runner: SliceRunner, case: str, image: sitk.Image, source: str 
                  prompts: Sequence[ObjectPrompt] | None, opts: PredictOptions,
                  prompt_mask: np.ndarray | None = None, progress: bool = True, *, stack: SliceStack | None = None,
                  intensity_cache: dict | None = None) -> CasePrediction:
-    """Segment one image: ``prompts`` (boxes) or ``prompt_mask`` (stored order, integer values).
+    """Segment one image: ``prompts`` (boxes, checked by :func:`check_prompts`) or ``prompt_mask``
+    (stored order, integer values).
 
     ``stack`` (``slice_stack(image, source, opts.axis, opts.orient)``) and ``intensity_cache`` may be
     kept by a caller that segments the same image many times (``medsegx serve``).
     """
-    from .runner import compose_labels
-
     t0 = time.perf_counter()
     if stack is None:
         stack = slice_stack(image, source, opts.axis, opts.orient)
     objects, notes = prepare_objects(stack, image.GetSize(), prompts, prompt_mask, opts, case, intensity_cache)
     for note in notes:
         logger.warning("%s: %s", case, note)
-    if opts.propagate and any(o.prompt.box is None for o in objects):
-        raise PromptError(f"case {case!r}: --propagate starts from a box; it does not apply to a prompt mask")
     results = runner.segment(stack, objects, propagate=opts.propagate, margin=opts.box_margin,
                              grow=opts.propagate_grow, desc=case,
                              progress=progress)
@@ -230,117 +248,37 @@ def predict_case(runner: SliceRunner, case: str, image: sitk.Image, source: str 
     return CasePrediction(case, out, stack, labels, objects, results, notes, time.perf_counter() - t0)
 
 
-# --------------------------------------------------------------------------- scoring against a reference
-
-
-def score_reference(prediction: CasePrediction, reference: np.ndarray, physical: bool,
-                    nsd_tolerance: float = 2.0) -> list[dict]:
-    """3-D (volume) or 2-D DSC, HD95 and NSD of each object against ``reference`` (stored order).
-
-    Computed on the whole volume: false positives on slices without reference foreground count.
-    Distances are in millimetres when ``physical`` (the image's spacing), else in pixels. An object
-    whose values are absent from the reference is reported, not scored.
-    """
-    from ..metrics import dice, hd95, nsd
-
-    predicted = prediction.array
-    spacing = list(reversed(prediction.image.GetSpacing())) if physical else [1.0] * predicted.ndim
-    unit = "mm" if physical else "px"
-    dims = predicted.ndim
-    rows = []
-    for obj in prediction.objects:
-        pred = (predicted == obj.label)[None]
-        ref = np.isin(reference, obj.prompt.reference_values)[None]
-        row: dict = {"label": obj.label, "task": obj.context.task,
-                     "reference_values": list(obj.prompt.reference_values), "unit": unit,
-                     "pred_voxels": int(pred.sum()), "ref_voxels": int(ref.sum())}
-        if not ref.any():
-            row.update(dsc=None, hd95=None, nsd=None, note="the reference has no voxel of these values")
-        else:
-            row["dsc"] = float(dice(pred, ref, spatial_dims=dims)[0])
-            value = float(hd95(pred, ref, spacing=spacing, empty="nan", spatial_dims=dims)[0])
-            row["hd95"] = None if math.isnan(value) else value
-            row["nsd"] = float(nsd(pred, ref, nsd_tolerance, spacing=spacing, empty="monai", spatial_dims=dims)[0])
-            row["nsd_tolerance"] = nsd_tolerance
-            if not pred.any():
-                row["note"] = "empty prediction (HD95 undefined)"
-        rows.append(row)
-    return rows
-
-
-def describe_scores(case: str, rows: Sequence[dict]) -> list[str]:
-    lines = []
-    for r in rows:
-        name = f"{case} label {r['label']}" + (f" ({r['task']})" if r["task"] else "")
-        if r["dsc"] is None:
-            lines.append(f"{name}: {r['note']}")
-            continue
-        hd = "n/a" if r["hd95"] is None else f"{r['hd95']:.2f} {r['unit']}"
-        lines.append(f"{name}: DSC {r['dsc']:.4f}, HD95 {hd}, NSD@{r['nsd_tolerance']:g}{r['unit']} {r['nsd']:.4f}")
-    return lines
+def compose_labels(stack: SliceStack, objects: Sequence[PreparedObject],
+                   results: Sequence[dict[int, SliceOutput]]) -> np.ndarray:
+    """Label volume in the stack's canonical order: each object's predicted slices, written back
+    through :func:`~medsegx.data.volume.mask_to_plane`, as its label value (later objects win
+    where objects overlap)."""
+    record = stack.record
+    shape = tuple(record["canonical_shape"])
+    labels = np.zeros(shape, dtype=np.uint8)
+    for obj, per_slice in zip(objects, results):
+        mask = np.zeros(shape, dtype=bool)
+        for k, out in per_slice.items():
+            put_plane(mask, record, k, mask_to_plane(out.mask, record))
+        labels[mask] = obj.label
+    return labels
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def _temp_beside(path: Path, suffix: str) -> Path:
-    """An empty temporary file in ``path``'s folder, with the permissions a new file gets (umask)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-    return Path(name)
-
-
 def write_image_atomic(image: sitk.Image, path: str | Path) -> None:
-    """Write through a temporary file beside ``path`` and rename it: never a half-written output."""
-    path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = _temp_beside(path, suffix)
-    try:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    path = Path(path)
-    tmp = _temp_beside(path, path.suffix)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def format_json(value: object, indent: int = 0, width: int = 170) -> str:
-    """JSON with one line per short item (a slice's record), nested blocks otherwise."""
-    flat = json.dumps(value, allow_nan=False)
-    if len(flat) + indent <= width or not isinstance(value, (dict, list)) or not value:
-        return flat
-    pad = " " * (indent + 1)
-    if isinstance(value, dict):
-        items = [f"{pad}{json.dumps(k)}: {format_json(v, indent + 1, width)}" for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
-    items = [pad + format_json(v, indent + 1, width) for v in value]
-    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
+    """Write through a temporary file beside ``path`` (same extension) and rename it: never a half-written output."""
+    atomic_write_named(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
 
 
 def write_json_atomic(data: Mapping, path: str | Path) -> None:
-    write_text_atomic(format_json(data) + "\n", path)
+    atomic_write_text(path, format_json(data) + "\n", like_open=True)
 
 
 def write_overlay(prediction: CasePrediction, path: str | Path, n_slices: int = 4) -> None:
     """A PNG of up to ``n_slices`` slices (spread over the predicted extent) with the label map over
     the image as the model saw it (intensity mapping of the first object), and the boxes used."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch, Rectangle
-
     stack, labels = prediction.stack, prediction.labels
     record = stack.record
     axis = stack.axis_index
@@ -353,40 +291,17 @@ def write_overlay(prediction: CasePrediction, path: str | Path, n_slices: int = 
     bounds = prediction.objects[0].bounds if prediction.objects else {"mode": "none"}
     rows_mm, cols_mm = record["slice_spacing"]
     height, width = record["slice_shape"]
-    colours = plt.get_cmap("tab10")
-    aspect = rows_mm / cols_mm
-    panel_height = 3.6 * min(max(height * aspect / width, 0.3), 2.5)
-    fig, axes = plt.subplots(1, len(picks), figsize=(3.6 * len(picks), panel_height + 0.9), squeeze=False)
-    for ax, k in zip(axes[0], picks):
+    sx, sy = width / 256.0, height / 256.0
+    panels = []
+    for k in picks:
         plane = stack.plane(k)
-        if bounds["mode"] == "none":
-            shown = plane.astype(np.float32) / 255.0
-        else:
-            shown = to_display(plane, bounds) / 255.0
-        ax.imshow(np.clip(shown, 0, 1), cmap="gray", aspect=aspect, interpolation="nearest")
-        label_plane = stack.plane(k, labels)
-        overlay = np.zeros((*label_plane.shape, 4))
-        for value in np.unique(label_plane[label_plane > 0]):
-            overlay[label_plane == value] = (*colours(int(value) % 10)[:3], 0.45)
-        ax.imshow(overlay, aspect=aspect, interpolation="nearest")
+        shown = plane.astype(np.float32) / 255.0 if bounds["mode"] == "none" else to_display(plane, bounds) / 255.0
+        boxes = []
         for obj, per_slice in zip(prediction.objects, prediction.results):
             if k in per_slice:
                 x0, y0, x1, y1 = per_slice[k].box
-                sx, sy = width / 256.0, height / 256.0
-                ax.add_patch(Rectangle((x0 * sx - 0.5, y0 * sy - 0.5), (x1 - x0 + 1) * sx, (y1 - y0 + 1) * sy,
-                                       fill=False, lw=1.0, ec=colours(obj.label % 10)))
-        ax.set_title(f"{prediction.case}  slice {k}", fontsize=9)
-        ax.set_axis_off()
-    handles = [Patch(color=colours(obj.label % 10), label=f"{obj.label}: {obj.context.task or 'unknown task'}")
-               for obj in prediction.objects]
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
-    path = Path(path)
-    tmp = _temp_beside(path, ".png")
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+                boxes.append((obj.label, x0 * sx - 0.5, y0 * sy - 0.5, (x1 - x0 + 1) * sx, (y1 - y0 + 1) * sy))
+        panels.append({"title": f"{prediction.case}  slice {k}", "image": shown, "labels": stack.plane(k, labels),
+                       "boxes": boxes})
+    legend = [(obj.label, f"{obj.label}: {obj.context.task or 'unknown task'}") for obj in prediction.objects]
+    plot_label_overlay(panels, legend, rows_mm / cols_mm, path)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .. import runtime
 from ..args import LABEL_FREE_SELECTION
 from ..data.intensity import TARGET_SIZE
-from ..data.volume import SliceStack, mask_to_plane, model_slice, put_plane
+from ..data.volume import SliceStack, model_slice
 from ..metrics.select import binarize, select_masks
 from ..model.config import default_select
 from .prompts import PROPAGATE_GROW, PreparedObject, follow_box
@@ -213,19 +213,3 @@ class SliceRunner:
                 return
             run(requests)
             fronts = next_fronts
-
-
-def compose_labels(stack: SliceStack, objects: Sequence[PreparedObject],
-                   results: Sequence[dict[int, SliceOutput]]) -> np.ndarray:
-    """Label volume in the stack's canonical order: each object's predicted slices, written back
-    through :func:`~medsegx.data.volume.mask_to_plane`, as its label value (later objects win
-    where objects overlap)."""
-    record = stack.record
-    shape = tuple(record["canonical_shape"])
-    labels = np.zeros(shape, dtype=np.uint8)
-    for obj, per_slice in zip(objects, results):
-        mask = np.zeros(shape, dtype=bool)
-        for k, out in per_slice.items():
-            put_plane(mask, record, k, mask_to_plane(out.mask, record))
-        labels[mask] = obj.label
-    return labels

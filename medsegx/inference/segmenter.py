@@ -5,11 +5,14 @@
     mask = seg.segment(image, box=(x0, y0, x1, y1), modality="CT", task="Liver")
     seg.segment_file("ct.nii.gz", box=(x0, y0, z0, x1, y1, z1), out="ct_liver.nii.gz", modality="CT", task="Liver")
 
-Both run the command's code path (:func:`~medsegx.inference.case.predict_case`): the same
-preprocessing as ``prepare_data.py``, the same label-free output selection, the same write-back.
+The one prediction pipeline: ``predict.py`` runs each planned case through :meth:`Segmenter.predict_job`
+and ``medsegx serve`` each request through :meth:`Segmenter.predict`, the same call as ``segment`` and
+``segment_file`` (:func:`~medsegx.inference.case.predict_case`): the preprocessing of ``prepare_data.py``,
+the label-free output selection, the write-back.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,9 +26,13 @@ from ..args import PROPAGATE_GROW
 from ..data.convert import parse_labels_map
 from ..data.presets import DEFAULT_PERCENTILES, parse_window
 from ..data.sources import read_label
+from ..metrics.reference import ScoredObject, describe_scores, score_reference
 from .case import (
+    PIXEL_ONLY_EXTENSIONS,
+    CaseJob,
     CasePrediction,
     PredictOptions,
+    check_prompts,
     predict_case,
     read_case_image,
     write_image_atomic,
@@ -36,7 +43,10 @@ from .prompts import ObjectPrompt, PromptError, case_name, check_label, parse_bo
 from .runner import SliceRunner
 
 if TYPE_CHECKING:
+    from ..data.volume import SliceStack
     from ..model.onnx_runtime import OnnxModel
+
+logger = logging.getLogger(__name__)
 
 
 class Segmenter:
@@ -50,6 +60,14 @@ class Segmenter:
         self.runner = SliceRunner(self.model, self.device, batch_size=batch_size, amp=use_amp,
                                   amp_dtype=amp_dtype, select=select)
         self.progress = progress
+
+    @classmethod
+    def from_runner(cls, runner: SliceRunner, *, progress: bool = False) -> Segmenter:
+        """A Segmenter over an existing runner (``medsegx serve``'s, over its cached model)."""
+        segmenter = cls.__new__(cls)
+        segmenter.runner, segmenter.model, segmenter.device = runner, runner.model, runner.device
+        segmenter.progress = progress
+        return segmenter
 
     @classmethod
     def load(cls, model_type: str = "lite", *, checkpoint: str | Path | None = None,
@@ -130,37 +148,92 @@ class Segmenter:
                      window: str | tuple[float, float] | None = None,
                      percentiles: tuple[float, float] = DEFAULT_PERCENTILES, axis: str = "axial",
                      orient: str = "LPS", log: str | Path | None = None,
-                     overlay: str | Path | None = None) -> CasePrediction:
+                     overlay: str | Path | None = None, reference: str | Path | None = None,
+                     nsd_tolerance: float = 2.0) -> CasePrediction:
         """Segment a scan file (volume, DICOM folder, 2-D image, .npy slice) as ``predict.py`` does.
 
         The box is in the file's stored voxel indices. Writes the label map to ``out`` (the input's
-        geometry), the per-slice record to ``log`` and an overlay PNG to ``overlay`` when given.
+        geometry), the per-slice record to ``log`` and an overlay PNG to ``overlay`` when given; with
+        ``reference`` (a label file of the scan) the record holds the objects' DSC, HD95 and NSD.
         Returns the :class:`~medsegx.inference.case.CasePrediction` (``.array``, ``.image``, ``.log()``).
         """
         path = Path(path)
-        image = read_case_image(path)
-        mask = read_label(prompt_mask, image, path) if prompt_mask is not None else None
+        prompts = _box_prompts(box, prompt_mask, label, seed)
         opts = _options(modality=modality, task=task, window=window, percentiles=percentiles, axis=axis,
                         orient=orient, propagate=propagate, propagate_grow=propagate_grow, box_margin=box_margin,
                         labels_map=labels_map)
-        prediction = self._predict(case_name(path), image, path, opts, box, mask, label, seed)
-        if out is not None:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            write_image_atomic(prediction.image, out)
-        if log is not None:
-            write_json_atomic({"input": str(path), **prediction.log()}, log)
-        if overlay is not None:
-            write_overlay(prediction, overlay)
+        image = read_case_image(path)
+        out, prompt_mask, reference, log, overlay = (None if f is None else Path(f)
+                                                     for f in (out, prompt_mask, reference, log, overlay))
+        job = CaseJob(case_name(path), path, out, prompts, prompt_mask, reference, log, overlay)
+        check_prompts(prompts, image.GetSize(), opts.propagate, f"case {job.case!r}")
+        return self.predict_job(job, opts, image=image, nsd_tolerance=nsd_tolerance)
+
+    # ------------------------------------------------------------------ the pipeline's one-case entries
+    def predict(self, case: str, image: sitk.Image, source: str | Path, prompts: Sequence[ObjectPrompt] | None,
+                opts: PredictOptions, prompt_mask: np.ndarray | None = None, *, stack: SliceStack | None = None,
+                intensity_cache: dict | None = None) -> CasePrediction:
+        """One image, its prompts checked (:func:`~medsegx.inference.case.check_prompts`); see
+        :func:`~medsegx.inference.case.predict_case` for ``stack`` and ``intensity_cache``."""
+        return predict_case(self.runner, case, image, source, prompts, opts, prompt_mask, progress=self.progress,
+                            stack=stack, intensity_cache=intensity_cache)
+
+    def predict_job(self, job: CaseJob, opts: PredictOptions, *, run_info: Mapping | None = None,
+                    nsd_tolerance: float = 2.0, image: sitk.Image | None = None) -> CasePrediction:
+        """One planned case: read the image (unless given) and the prompt mask, predict, write the label map,
+        score against the reference, write the JSON record and the overlay (the files ``job`` names).
+
+        ``run_info``: the run's settings (``predict.py``); the record then also names the output, the run
+        and the prompt mask.
+        """
+        if image is None:
+            image = read_case_image(job.image)
+        mask = read_label(job.prompt_mask, image, job.image) if job.prompt_mask is not None else None
+        prediction = self.predict(job.case, image, job.image, job.objects, opts, mask)
+        record = {"input": str(job.image)}
+        if run_info is not None:
+            record.update(output=str(job.output), **prediction.log(), run=dict(run_info))
+            if job.prompt_mask is not None:
+                record["prompt_mask"] = str(job.prompt_mask)
+        else:
+            record.update(prediction.log())
+        if job.output is not None:
+            write_image_atomic(prediction.image, job.output)
+        if job.reference is not None:
+            scores = self.score(prediction, read_label(job.reference, image, job.image), job.image, nsd_tolerance)
+            record["reference"] = {"file": str(job.reference), "scores": scores}
+            for line in describe_scores(job.case, scores):
+                logger.info("%s", line)
+        if job.log is not None:
+            write_json_atomic(record, job.log)
+        if job.overlay is not None:
+            write_overlay(prediction, job.overlay)
         return prediction
+
+    @staticmethod
+    def score(prediction: CasePrediction, reference: np.ndarray, source: str | Path,
+              nsd_tolerance: float = 2.0) -> list[dict]:
+        """:func:`~medsegx.metrics.reference.score_reference` of ``prediction``; distances in mm unless the
+        input ``source`` is a format without a physical pixel size (then pixels)."""
+        physical = not Path(source).name.lower().endswith(PIXEL_ONLY_EXTENSIONS)
+        spacing = list(reversed(prediction.image.GetSpacing())) if physical else None
+        objects = [ScoredObject(o.label, o.context.task, o.prompt.reference_values) for o in prediction.objects]
+        return score_reference(prediction.array, reference, objects, spacing, nsd_tolerance)
 
     def _predict(self, case: str, image: sitk.Image, source: Path, opts: PredictOptions, box, mask, label: int,
                  seed: int | None) -> CasePrediction:
-        if (box is None) == (mask is None):
-            raise PromptError("give exactly one prompt: box=... or prompt_mask=...")
-        prompts = None
-        if box is not None:
-            prompts = [ObjectPrompt(label=check_label(label, "label"), box=parse_box(list(box), "box"), seed=seed)]
-        return predict_case(self.runner, case, image, source, prompts, opts, mask, progress=self.progress)
+        prompts = _box_prompts(box, mask, label, seed)
+        check_prompts(prompts, image.GetSize(), opts.propagate, f"case {case!r}")
+        return self.predict(case, image, source, prompts, opts, mask)
+
+
+def _box_prompts(box, mask, label: int, seed: int | None) -> list[ObjectPrompt] | None:
+    """The one object of ``box`` (None with a prompt mask); exactly one of the two."""
+    if (box is None) == (mask is None):
+        raise PromptError("give exactly one prompt: box=... or prompt_mask=...")
+    if box is None:
+        return None
+    return [ObjectPrompt(label=check_label(label, "label"), box=parse_box(list(box), "box"), seed=seed)]
 
 
 def _options(*, window, percentiles, labels_map, propagate_grow, box_margin, **fields) -> PredictOptions:

@@ -1,14 +1,13 @@
 """Prediction (predict.py, ``medsegx predict``): a user's own scans in, masks in their geometry out.
 
-The prompts, the batched forwards and the write-back live in :mod:`medsegx.inference`; the flags and
-their description in :func:`medsegx.args.predict_parser`.
+This module parses and plans (every check before any work); each planned case then runs through
+:meth:`medsegx.inference.segmenter.Segmenter.predict_job`, the pipeline of the Python API and of
+``medsegx serve``. The flags and their description are in :func:`medsegx.args.predict_parser`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -26,24 +25,19 @@ from ..data.sources import (
 )
 from ..data.taxonomy import load_taxonomy
 from ..errors import UserError
+from ..fileio import NotWritableError, ensure_writable_dir
 from ..inference.case import (
     CASE_EXTENSIONS,
-    PIXEL_ONLY_EXTENSIONS,
+    CaseJob,
     PredictOptions,
-    describe_scores,
+    check_prompts,
     output_suffix,
-    predict_case,
     read_case_image,
-    score_reference,
-    write_image_atomic,
-    write_json_atomic,
-    write_overlay,
 )
 from ..inference.prompts import (
     NPY_EXTENSION,
     ObjectPrompt,
     case_name,
-    check_box_inside,
     check_label,
     load_prompts_file,
     parse_box,
@@ -51,6 +45,7 @@ from ..inference.prompts import (
 
 logger = logging.getLogger(__name__)
 
+Job = CaseJob  # a planned case of the command
 
 
 class PredictError(UserError, ValueError):
@@ -58,16 +53,6 @@ class PredictError(UserError, ValueError):
 
 
 # --------------------------------------------------------------------------- planning (before any work)
-
-
-@dataclass
-class Job:
-    case: str
-    image: Path
-    output: Path
-    objects: list[ObjectPrompt] | None = None
-    prompt_mask: Path | None = None
-    reference: Path | None = None
 
 
 def list_inputs(spec: str) -> tuple[list[tuple[str, Path]], list[tuple[Path, str]]]:
@@ -148,11 +133,9 @@ def _check_output_folder(out: Path, inputs: list[Path], folder_input: bool) -> N
         if inside:
             raise PredictError(f"-o {out}: inside the input {source}; predictions are never written into input folders")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".medsegx-write-test-"):
-            pass
-    except OSError as err:
-        raise PredictError(f"-o {out}: output folder is not writable ({err.strerror or err})") from None
+        ensure_writable_dir(out)
+    except NotWritableError as err:
+        raise PredictError(f"-o {out}: output folder is not writable ({err.reason})") from None
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
@@ -160,8 +143,6 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
     load_taxonomy().canonical_modality(args.modality)  # an unknown modality: an error listing the known ones
     _window(args.window)
     out = Path(args.output)
-    if args.propagate and args.prompt_mask is not None:
-        raise PredictError("--propagate starts from a box (--box or --prompts), not from --prompt_mask")
     if args.seed_slice is not None and (args.box is None or not args.propagate):
         raise PredictError("--seed_slice is where --propagate starts from --box; it needs --box and --propagate")
     if args.labels_map is not None and args.prompt_mask is None:
@@ -220,13 +201,13 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
         if args.prompt_mask is not None and masks[name] is None:
             report.append(f"skip {path}: no prompt mask named like case {name!r} in {args.prompt_mask}")
             continue
-        job = Job(name, path, output, prompt_mask=masks[name], reference=references[name])
+        job = CaseJob(name, path, output, prompt_mask=masks[name], reference=references[name],
+                      log=out / f"{name}.json", overlay=out / f"{name}_overlay.png" if args.overlay else None)
         if box is not None:
             job.objects = [ObjectPrompt(label=args.label, box=box, seed=args.seed_slice)]
         elif by_case is not None:
             job.objects = by_case[name]
-        for obj in job.objects or ():
-            check_box_inside(obj.box, header.GetSize(), f"case {name!r} ({path})")
+        check_prompts(job.objects, header.GetSize(), args.propagate, f"case {name!r} ({path})")
         if job.prompt_mask is not None:
             values = read_label(job.prompt_mask, header, path)  # size and geometry must match the image
             if values.max(initial=0) > 255 and labels_map is None:
@@ -245,7 +226,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Predict every planned case; returns the masks written."""
-    from ..inference.runner import SliceRunner, retain_freed_memory
+    from ..inference.runner import retain_freed_memory
+    from ..inference.segmenter import Segmenter
     from .common import model_from_args
 
     info = runtime.setup(args, None)
@@ -274,8 +256,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         model = model_from_args(args, info.device, args.model_weight, for_training=False)
         if args.model_weight is None:
             logger.warning("no --model_weight: the %s backbone alone (ConMoAE adapters at zero)", args.model_type)
-    runner = SliceRunner(model, info.device, batch_size=args.batch_size, amp=args.use_amp,
-                         amp_dtype=args.amp_dtype, select=args.select)
+    segmenter = Segmenter(model, info.device, batch_size=args.batch_size, use_amp=args.use_amp,
+                          amp_dtype=args.amp_dtype, select=args.select, progress=not args.no_progress)
     model_info = {"model_type": args.model_type, "model_weight": args.model_weight, "backend": args.backend,
                   "onnx_dir": args.onnx_dir, "select": args.select,
                   "use_amp": bool(args.use_amp), "batch_size": args.batch_size, "device": str(info.device),
@@ -283,24 +265,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                   "box_margin": args.box_margin, "git": runtime.git_revision()}
     written = []
     for job in jobs:
-        image = read_case_image(job.image)
-        prompt_mask = read_label(job.prompt_mask, image, job.image) if job.prompt_mask is not None else None
-        prediction = predict_case(runner, job.case, image, job.image, job.objects, opts, prompt_mask,
-                                  progress=not args.no_progress)
-        log = {"input": str(job.image), "output": str(job.output), **prediction.log(), "run": model_info}
-        if job.prompt_mask is not None:
-            log["prompt_mask"] = str(job.prompt_mask)
-        write_image_atomic(prediction.image, job.output)
-        if job.reference is not None:
-            physical = not job.image.name.lower().endswith(PIXEL_ONLY_EXTENSIONS)
-            reference = read_label(job.reference, image, job.image)
-            scores = score_reference(prediction, reference, physical, args.nsd_tolerance)
-            log["reference"] = {"file": str(job.reference), "scores": scores}
-            for line in describe_scores(job.case, scores):
-                logger.info("%s", line)
-        write_json_atomic(log, job.output.parent / f"{job.case}.json")
-        if args.overlay:
-            write_overlay(prediction, job.output.parent / f"{job.case}_overlay.png")
+        prediction = segmenter.predict_job(job, opts, run_info=model_info, nsd_tolerance=args.nsd_tolerance)
         logger.info("%s: %s (%d object(s), %.1f s)", job.case, job.output, len(prediction.objects), prediction.seconds)
         written.append(job.output)
     logger.info("predicted %d case(s) into %s", len(written), args.output)

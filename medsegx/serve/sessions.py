@@ -3,7 +3,7 @@
 A session holds the image as read (:func:`~medsegx.inference.case.read_case_image`), its canonical
 slice stack (:func:`~medsegx.data.volume.slice_stack`, built once) and the label map the user is
 making, in the image's stored voxel order ((Z, Y, X); Z = 1 for a 2-D image). A segment request is
-one :func:`~medsegx.inference.case.predict_case` call, the code ``predict.py`` runs: the box goes
+one :meth:`~medsegx.inference.segmenter.Segmenter.predict` call, the pipeline ``predict.py`` runs: the box goes
 through the same re-orientation, window by task and write-back. The slices it predicted replace
 that label's voxels on those slices (other labels are overwritten where the new mask covers
 them, as later objects win in ``predict.py``). Erase and every segment call can be undone.
@@ -41,7 +41,6 @@ from ..inference.case import (
     CASE_EXTENSIONS,
     PredictOptions,
     output_suffix,
-    predict_case,
     read_case_image,
     stored_slice_index,
     write_image_atomic,
@@ -55,6 +54,7 @@ from ..inference.prompts import (
     check_label,
     parse_box,
 )
+from ..inference.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class ImageSession:
                 raise ApiError(400, "z: give z only with a 4-number box (a 6-number box has z0 and z1)")
             if body["z"] != 0:
                 raise ApiError(400, f"z: a 2-D image has one slice (z = 0), got {body['z']!r}")
-        check_box_inside(tuple(box), self.image.GetSize(), "box")
+        check_box_inside(tuple(box), self.image.GetSize(), "box")  # the request's one check of the box
         label = check_label(body.get("label", 1), "label")
         modality = body.get("modality")
         if not isinstance(modality, str) or not modality.strip():
@@ -291,8 +291,8 @@ class ImageSession:
         prompt, opts = self.parse_segment(body)
         t0 = time.perf_counter()
         with self.lock:
-            prediction = predict_case(runner, self.case, self.image, self.source, [prompt], opts, progress=False,
-                                      stack=self.stack, intensity_cache=self.intensity_cache)
+            prediction = Segmenter.from_runner(runner).predict(self.case, self.image, self.source, [prompt], opts,
+                                                               stack=self.stack, intensity_cache=self.intensity_cache)
             predicted = prediction.array
             if self.is_2d:
                 predicted = predicted[None]
