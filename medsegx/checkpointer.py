@@ -12,7 +12,9 @@ data ratio) owns everything that can go wrong between runs:
   replaces a good one);
 - ``checkpoints.json``: which file holds what (epoch, step, metric) for this run, so scoring
   reads only the files of the run that wrote them;
-- temporaries of a write that was killed are removed on start.
+- temporaries of a write that was killed are removed on start;
+- the one read of a checkpoint to continue (:func:`read_resume`): loaded safely and checked once, a
+  :class:`Resume` that the model builder (weights) and :func:`medsegx.engine.fit` (everything else) apply.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ import torch
 
 from .errors import UserError
 from .fileio import atomic_write_text, ensure_writable_dir, remove_stale_temps
-from .model.checkpoint import atomic_save, torch_load
+from .model.checkpoint import CheckpointError, atomic_save, torch_load
 
 try:  # POSIX; elsewhere runs are not locked (said once)
     import fcntl
@@ -112,32 +115,28 @@ class Checkpointer:
         folder: the run folder.
         is_main: rank 0 (writes, locks); other ranks only read the resume state.
         overwrite: a fresh run may replace the run found in ``folder``.
-        resume: a checkpoint of ours to continue from (in ``folder`` or elsewhere); ``None`` starts fresh.
-        resume_state: that checkpoint already loaded (it is then not read again).
+        resume: a checkpoint of ours to continue from (in ``folder`` or elsewhere): its path (read by
+            :meth:`start`) or already read by :func:`read_resume`; ``None`` starts fresh.
     """
 
     def __init__(self, folder: str | Path, *, is_main: bool = True, overwrite: bool = False,
-                 resume: str | Path | None = None, resume_state: Mapping[str, Any] | None = None) -> None:
+                 resume: Resume | str | Path | None = None) -> None:
         self.folder = Path(folder)
         self.is_main = is_main
         self.overwrite = overwrite
-        self.resume_path = Path(resume) if resume is not None else None
-        self._resume_state = dict(resume_state) if resume_state is not None else None
+        self._resume = resume
         self.run_id = uuid.uuid4().hex
         self.files: dict[str, dict[str, Any]] = {}
         self._lock = RunLock(self.folder)
 
     # ------------------------------------------------------------------ start and end
-    def start(self) -> dict[str, Any] | None:
-        """Lock the folder, apply the start rules, clean up -> the resume checkpoint (loaded) or None."""
-        resume_state = self._resume_state
-        if resume_state is None and self.resume_path is not None:
-            resume_state = torch_load(self.resume_path)
-        if resume_state is not None and not is_training_state(resume_state):
-            raise RunFolderError(f"{self.resume_path} holds weights but no training state (optimiser, RNG): it "
-                                 "cannot be continued; start from it as initial weights instead")
+    def start(self) -> Resume | None:
+        """Lock the folder, apply the start rules, clean up -> the run to continue (read and checked) or None."""
+        resume = self._resume
+        if resume is not None and not isinstance(resume, Resume):
+            resume = read_resume(resume)
         if not self.is_main:
-            return resume_state
+            return resume
         ensure_writable_dir(self.folder, "run folder")
         self._lock.acquire()
         try:
@@ -145,7 +144,7 @@ class Checkpointer:
             if removed:
                 logger.info("removed %d unfinished temporary file(s) of a killed write in %s", len(removed),
                             self.folder)
-            continuing_here = resume_state is not None and self.resume_path.resolve().parent == self.folder.resolve()
+            continuing_here = resume is not None and resume.path.resolve().parent == self.folder.resolve()
             present = holds_run(self.folder)
             if present and not continuing_here:
                 if not self.overwrite:
@@ -153,14 +152,14 @@ class Checkpointer:
                         f"{self.folder} already holds a run ({', '.join(present[:5])}); continue it with "
                         f"--resume {self.folder / LATEST} (or --continue), or replace it with --overwrite")
                 self._remove_run_outputs(present)
-            if resume_state is not None:
-                self.run_id = str(resume_state.get("run_id") or self.run_id)
+            if resume is not None:
+                self.run_id = str(resume.state.get("run_id") or self.run_id)
                 if continuing_here:
                     self.files = self._read_manifest()
         except BaseException:
             self._lock.release()
             raise
-        return resume_state
+        return resume
 
     def close(self) -> None:
         self._lock.release()
@@ -230,3 +229,55 @@ class Checkpointer:
 def is_training_state(ckpt: Mapping[str, Any]) -> bool:
     """A checkpoint written mid-run by this project (continuable exactly), not just weights."""
     return isinstance(ckpt, Mapping) and ckpt.get("rng") is not None and ckpt.get("optimizer") is not None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A run to continue exactly: the checkpoint's path and its state, read and checked by :func:`read_resume`."""
+
+    path: Path
+    state: dict[str, Any]
+
+
+_PROGRESS_KEYS = {"batches", "loss_sum", "samples"}
+
+
+def _resume_problem(state: Mapping[str, Any]) -> str | None:
+    """What makes a training state impossible to continue, or None."""
+    model = state.get("model")
+    if not isinstance(model, Mapping) or not all(torch.is_tensor(v) for v in model.values()):
+        return "has no dict of tensors under 'model'"
+    if not isinstance(state["optimizer"], Mapping) or not isinstance(state["optimizer"].get("param_groups"), list):
+        return "holds an optimiser state without parameter groups"
+    for key in ("epoch", "step"):
+        value = state.get(key, 0)
+        if not isinstance(value, int) or value < 0:
+            return f"holds {key} {value!r}, not a count"
+    progress = state.get("progress")
+    if progress is not None and not (isinstance(progress, Mapping) and set(progress) == _PROGRESS_KEYS):
+        return f"holds a position in the epoch ('progress') without {', '.join(sorted(_PROGRESS_KEYS))}"
+    return None
+
+
+def read_resume(path: str | Path, *, weights_ok: bool = False) -> Resume | dict[str, Any]:
+    """The one read of a checkpoint to continue: loaded safely (plain data only, see
+    :func:`~medsegx.model.checkpoint.torch_load`) and checked, each problem a one-line :class:`UserError`
+    naming the file.
+
+    A file of weights without a training state (optimiser, RNG) cannot be continued; ``weights_ok``
+    returns it as a plain dict instead (pretrain's --resume starts from such a file).
+    """
+    path = Path(path)
+    state = torch_load(path)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path} is not a checkpoint of this project: it holds a {type(state).__name__}, "
+                             "not a dict")
+    if not is_training_state(state):
+        if weights_ok:
+            return dict(state)
+        raise RunFolderError(f"{path} holds weights but no training state (optimiser, RNG): it "
+                             "cannot be continued; start from it as initial weights instead")
+    problem = _resume_problem(state)
+    if problem:
+        raise CheckpointError(f"{path} cannot be continued: it {problem}")
+    return Resume(path, dict(state))

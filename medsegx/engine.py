@@ -26,12 +26,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from . import runtime
-from .checkpointer import CURVES, HISTORY, TENSORBOARD, Checkpointer, DivergedError
+from .checkpointer import HISTORY, TENSORBOARD, Checkpointer, DivergedError, Resume
 from .fileio import atomic_write_text
 from .losses import medsegx_loss
 from .metrics.select import binarize, score_multimask
-from .model.checkpoint import checkpoint_state, load_medsegx_weights
+from .model.checkpoint import checkpoint_state
 from .model.config import default_select
+from .optim import load_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +276,7 @@ class FitConfig:
     save_epochs: bool = False
     val_every: int = 1
     max_steps: int | None = None
+    lrs: Sequence[float | None] = ()  # per parameter group, given on the command line: each replaces a resumed run's
 
 
 class ResumableSampler(DistributedSampler):
@@ -321,12 +323,13 @@ def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> Dat
                       pin_memory=info.device.type == "cuda", prefetch_factor=4 if num_workers > 0 else None)
 
 
-def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                           scaler: torch.amp.GradScaler | None, name: str = "<checkpoint>") -> None:
-    """Model, optimiser, scaler and this rank's RNG states from one of our (loaded) checkpoints."""
-    load_medsegx_weights(unwrap(model), ckpt, name=name)
-    if ckpt.get("optimizer") is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+def restore_training_state(resume: Resume, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                           lrs: Sequence[float | None] = ()) -> tuple[int, int, dict[str, float], EpochProgress | None]:
+    """A resumed run's training state, all of it but the weights (the model was built from them): the
+    optimiser (``lrs``: see :func:`~medsegx.optim.load_optimizer_state`), the scaler, this rank's RNG
+    states -> (epoch, step, best so far, position in the epoch) to continue from."""
+    ckpt, name = resume.state, str(resume.path)
+    load_optimizer_state(optimizer, ckpt["optimizer"], name=name, lrs=lrs, step=ckpt.get("step"))
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
     rng = ckpt.get("rng")
@@ -339,6 +342,11 @@ def restore_training_state(ckpt: dict[str, Any], model: nn.Module, optimizer: to
     if rng is not None:
         runtime.set_rng_state(rng)
     logger.info("resumed %s at epoch %s, step %s", name, ckpt.get("epoch"), ckpt.get("step"))
+    progress = EpochProgress(**ckpt["progress"]) if ckpt.get("progress") else None
+    if progress is not None and not runtime.dist_info().is_main:
+        progress = EpochProgress(batches=progress.batches)  # the summed loss so far is counted once, on rank 0
+    best = dict(ckpt.get("best") or {"val_dsc": -1.0, "loss": float("inf")})
+    return int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0)), best, progress
 
 
 def fit(
@@ -350,13 +358,14 @@ def fit(
     *,
     val_loader: DataLoader | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    resume: dict[str, Any] | None = None,
+    resume: Resume | None = None,
     args: Any = None,
 ) -> dict[str, Any]:
     """Train until ``cfg.num_epochs`` epochs (or ``cfg.max_steps``), validating; ``checkpointer`` saves.
 
-    ``resume``: a loaded training state (see :func:`restore_training_state`, already applied to
-    the model and optimiser); the run continues at its next batch, in the same epoch order.
+    ``resume``: the run to continue (:func:`~medsegx.checkpointer.read_resume`), whose weights the model
+    already holds; the rest of its state is applied here (:func:`restore_training_state`) and the run
+    continues at its next batch, in the same epoch order.
     Checkpoints: ``model_latest.pth`` every epoch (and every ``save_every`` steps),
     ``model_best.pth`` by validation DSC, ``model_lowest.pth`` by training loss,
     ``model_{epoch}.pth`` if asked.
@@ -364,12 +373,9 @@ def fit(
     info = runtime.dist_info()
     device = info.device
     out_dir = cfg.output_dir
-    resume = resume or {}
-    start_epoch, global_step = int(resume.get("epoch", 0)), int(resume.get("step", 0))
-    best = dict(resume.get("best") or {"val_dsc": -1.0, "loss": float("inf")})
-    progress = EpochProgress(**resume["progress"]) if resume.get("progress") else None
-    if progress is not None and not info.is_main:
-        progress = EpochProgress(batches=progress.batches)  # the summed loss so far is counted once, on rank 0
+    start_epoch, global_step, best, progress = 0, 0, {"val_dsc": -1.0, "loss": float("inf")}, None
+    if resume is not None:
+        start_epoch, global_step, best, progress = restore_training_state(resume, optimizer, scaler, cfg.lrs)
     history_path = out_dir / HISTORY
     writer = None
     if info.is_main:
@@ -457,9 +463,6 @@ def fit(
         runtime.barrier()
     if writer is not None:
         writer.close()
-        from .reports import plot_history
-
-        plot_history(history_path, out_dir / CURVES)
     return {"best": best, "global_step": global_step}
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from medsegx.losses import medsegx_loss, per_output_loss
-from medsegx.recipes.common import batch_plan, make_optimizer
+from medsegx.optim import make_optimizer
+from medsegx.recipes.common import batch_plan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model_type", "vit_tiny", "--device_ids", "--num_workers", "0", "--threads", "1"]

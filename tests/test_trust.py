@@ -234,6 +234,32 @@ def test_finetune_scores_only_its_own_checkpoints(real_db, tmp_path):
     torch.load(chosen, weights_only=True)  # this run's file, not the stale bytes
 
 
+def test_a_checkpoint_to_continue_is_read_once_and_checked(tmp_path):
+    """checkpointer.read_resume: a training state -> Resume; weights only -> refused (or, for pretrain's
+    --resume, returned as weights); a malformed state -> one line naming the file and what is wrong."""
+    from medsegx.checkpointer import Resume, RunFolderError, read_resume
+    from medsegx.errors import UserError
+    from medsegx.model import build_model
+    from medsegx.model.checkpoint import checkpoint_state
+
+    weights = checkpoint_state(build_model("vit_tiny"), epoch=1)
+    training = {**weights, "optimizer": {"state": {}, "param_groups": []}, "rng": [{}], "step": 3,
+                "progress": {"batches": 2, "loss_sum": 1.0, "samples": 8}}
+    for name, obj in (("weights", weights), ("training", training),
+                      ("bad_progress", {**training, "progress": {"batches": 2}}), ("bad_step", {**training, "step": -1}),
+                      ("list", [1, 2])):
+        torch.save(obj, tmp_path / f"{name}.pth")
+    got = read_resume(tmp_path / "training.pth")
+    assert isinstance(got, Resume) and got.path == tmp_path / "training.pth" and got.state["step"] == 3
+    with pytest.raises(RunFolderError, match="holds weights but no training state"):
+        read_resume(tmp_path / "weights.pth")
+    assert not isinstance(read_resume(tmp_path / "weights.pth", weights_ok=True), Resume)
+    for name, needle in (("bad_progress", "position in the epoch"), ("bad_step", "step -1"), ("list", "a list")):
+        with pytest.raises(UserError, match=needle) as err:
+            read_resume(tmp_path / f"{name}.pth", weights_ok=True)
+        assert str(tmp_path / f"{name}.pth") in str(err.value) and "\n" not in str(err.value)
+
+
 # --------------------------------------------------------------------------- 4. diverged states
 def test_diverged_weights_never_replace_a_good_checkpoint(tmp_path):
     from medsegx.checkpointer import Checkpointer, DivergedError

@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import runtime
-from ..checkpointer import LATEST, is_training_state
+from ..checkpointer import LATEST, Resume, read_resume
 from ..data.catalog import find_split_roots, open_catalog, problem_summary
 from ..data.layout import TRAIN
 from ..errors import UserError
-from ..model.checkpoint import torch_load
 from .common import resolve_val_path, train_run
 
 logger = logging.getLogger(__name__)
@@ -33,18 +32,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if val is not None and not len(val):
         raise UserError(f"no usable validation slice under {val_path}{problem_summary(val)} "
                         "(--val_path none trains without validation)")
-    resume, state = None, None
+    resume, init = None, None
     if args.resume_run:
         latest = output_dir / LATEST
-        resume = latest if latest.is_file() else None
+        resume = latest if latest.is_file() else None  # read by the run's checkpointer
         logger.info("--continue: %s", f"resuming {latest}" if resume else f"no {LATEST} yet, starting fresh")
-    elif args.resume:
-        state = torch_load(args.resume)
-        if is_training_state(state):
-            resume = args.resume
-    init = state if resume is None else None
-    result = train_run(args, train, val, output_dir, init_weights=init, resume=resume,
-                       resume_state=state if resume is not None else None)
+    elif args.resume:  # a run to continue, or weights to start from: read once, here
+        start = read_resume(args.resume, weights_ok=True)
+        resume, init = (start, None) if isinstance(start, Resume) else (None, start)
+    result = train_run(args, train, val, output_dir, init_weights=init, resume=resume)
     runtime.cleanup_distributed()
     return result
 
