@@ -24,8 +24,6 @@ from .model.config import (
 )
 from .selection import LABEL_FREE_MODES, SELECTION_MODES
 
-# Selections that never look at a label (prediction has none).
-LABEL_FREE_SELECTION = LABEL_FREE_MODES
 # Propagation grows each box taken from a neighbour's mask by this many pixels of the 256 grid per side
 # (the tight box of a predicted mask is a little smaller than the object: an ungrown chain shrinks).
 PROPAGATE_GROW = 5
@@ -436,7 +434,7 @@ def _check_backend(args: argparse.Namespace) -> str | None:
 
 def _label_free_select(group: argparse._ArgumentGroup) -> None:
     """``--select`` of prediction and the server: a label-free rule, the backbone's default when not given."""
-    group.add_argument("--select", default=None, choices=LABEL_FREE_SELECTION,
+    group.add_argument("--select", default=None, choices=LABEL_FREE_MODES,
                        help=f"which output, never by the label (default: {LITE_SELECT} for lite, {SAM_SELECT} for "
                             "SAM backbones): iou = highest predicted IoU, first = output 0; the other rules: "
                             "docs/GENERALISATION.md")

@@ -42,6 +42,7 @@ import numpy as np
 from .data.layout import TASK_POSITION, case_and_slice, task_of
 from .errors import UserError
 from .fileio import atomic_write, atomic_write_set
+from .selection import ORACLE
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class SliceResult:
     group: tuple[str, ...] = field(default=())
     dsc: float = math.nan
     hd: float = math.nan
-    select: str = "oracle"
+    select: str = ORACLE
     nsd: float | None = None
     dsc_oracle: float | None = None
     dsc_iou: float | None = None
@@ -90,7 +91,7 @@ class SliceResult:
             raise ValueError(f"result {self.name!r}: no group (pass group= or a name with folders)")
         if self.case is None:
             self.case = case_and_slice(self.name.rsplit("/", 1)[-1])[0]
-        if self.dsc_oracle is None and self.select == "oracle":
+        if self.dsc_oracle is None and self.select == ORACLE:
             self.dsc_oracle = self.dsc
 
 
@@ -262,11 +263,11 @@ def format_details_md(results: Sequence[SliceResult], title: str, layout: str = 
     skipped = [r for r in results if r.skipped is not None]
     cases = case_dsc(results)
     lines = [f"# {title}: details", ""]
-    modes = sorted({r.select for r in scored}) or ["oracle"]
+    modes = sorted({r.select for r in scored}) or [ORACLE]
     chosen = ", ".join(modes)
     lines.append(f"Slices scored: {len(scored)}; skipped: {len(skipped)}. The published files (`.md`, `.csv`) and the "
                  f"DSC / HD95 columns below score the output chosen by `--select {chosen}`"
-                 + (" (the paper's protocol: the output with the best DSC against the label)" if modes == ["oracle"]
+                 + (" (the paper's protocol: the output with the best DSC against the label)" if modes == [ORACLE]
                     else "; the published tables use oracle selection") + ". DSC (oracle) looks at the label; "
                  "DSC (iou) and DSC (first) choose without it, so oracle - iou is the selection gap. HD is HD95 in "
                  "pixels of the scored grid; HD95 mm uses the slice spacing where it is known (n/a: no physical "
@@ -330,7 +331,7 @@ def _choice_modes(scored: Sequence[SliceResult]) -> tuple[int, list[str]]:
         return 0, []
     k = min(len(r.dsc_outputs) for r in scored)
     modes = [m for m in scored[0].dsc_modes if all(m in r.dsc_modes for r in scored)]
-    return k, sorted(modes, key=lambda m: m != "oracle")
+    return k, sorted(modes, key=lambda m: m != ORACLE)
 
 
 def _choice_table(scored: Sequence[SliceResult], layout: str) -> list[str]:

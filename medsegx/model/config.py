@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
+from ..selection import LABEL_FREE_MODES, ORACLE
+
 MASK_OUTPUTS = ("multimask", "single", "all")
 
 # Training boxes grow by a random 0..N px per side (256 grid), the habit of each backbone's own training:
@@ -26,6 +28,7 @@ LITE_BOX_JITTER = 5
 # The default label-free choice per backbone (docs/GENERALISATION.md, "Choosing the output without a label").
 LITE_SELECT = "first"
 SAM_SELECT = "iou"
+assert {LITE_SELECT, SAM_SELECT} <= set(LABEL_FREE_MODES)
 
 
 def default_select(model_type: str, evaluation: bool = False) -> str:
@@ -34,7 +37,7 @@ def default_select(model_type: str, evaluation: bool = False) -> str:
     so the published tables reproduce)."""
     if model_type == "lite":
         return LITE_SELECT
-    return "oracle" if evaluation else SAM_SELECT
+    return ORACLE if evaluation else SAM_SELECT
 
 
 def default_box_jitter(model_type: str) -> int:

@@ -19,6 +19,7 @@ from ..data.meta import slice_spacing
 from ..engine import evaluate, make_eval_loader
 from ..errors import UserError
 from ..fileio import ensure_writable_dir
+from ..selection import ORACLE
 from .common import model_from_args
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace, external: bool) -> list[dict[str, Any]]:
         notes = []
         if baseline_note:
             notes.append(baseline_note)
-        if args.select != "oracle":
+        if args.select != ORACLE:
             notes.append(f"Selection: --select {args.select} (the published tables use oracle selection).")
         problems = getattr(catalog, "problems", None)
         if problems:

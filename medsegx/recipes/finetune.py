@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..fileio import atomic_write_set, atomic_write_text, ensure_writable_dir
 from ..model.checkpoint import atomic_save, checkpoint_state, torch_load
 from ..model.config import default_select
+from ..selection import ORACLE
 from .common import model_from_args, train_run
 
 FINAL = "model_final.pth"  # what a (site, ratio) run ships
@@ -188,7 +189,7 @@ def write_summary(rows: list[dict[str, Any]], output_dir: Path, args: argparse.N
     writer.writerows(rows)
     lines = [f"# fine-tuning summary ({args.shift_type}, {args.model_type})", "",
              f"Test split: inference/; validation: {args.validation} (by case). Mean DSC, {_selection(args)} selection"
-             + (" (the paper's)" if _selection(args) == "oracle" else " (label-free)")
+             + (" (the paper's)" if _selection(args) == ORACLE else " (label-free)")
              + "; in brackets the label-free IoU-head selection. Backbone: adapters at zero; zero-shot: the "
              "starting weights (--resume); fine-tuned: the run's chosen checkpoint; final: model_final.pth, the "
              "better of fine-tuned and starting point on the validation split.", "",
