@@ -35,7 +35,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import ConversionError
-from .intensity import TARGET_SIZE, resize_mask
+from .grid import SLICE_SIZE
+from .intensity import resize_mask
 from .layout import (
     FINETUNE,
     IMAGES_DIR,
@@ -283,7 +284,7 @@ def update_meta(cfg: ConvertConfig, results: Iterable[CaseResult]) -> list[Path]
         header = {
             "format": META_FORMAT, "modality": cfg.modality, "task": task,
             "task_folder": cfg.task_folder(task), "dataset": cfg.dataset, "sequence": cfg.sequence,
-            "layout": "ood" if cfg.ood_site else "id", "target_size": TARGET_SIZE,
+            "layout": "ood" if cfg.ood_site else "id", "target_size": SLICE_SIZE,
         }
         cases: dict[str, dict] = {}
         slices: dict[str, dict] = {}

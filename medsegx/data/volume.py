@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .grid import SLICE_SIZE
 from .intensity import (
-    TARGET_SIZE,
     intensity_bounds,
     resize_image,
     resize_mask,
@@ -166,7 +166,7 @@ def slice_stack(image: sitk.Image, source: str | Path, axis: str = "axial", orie
         "canonical_shape": shape, "n_slices": int(shape[axis_i]),
         "slice_shape": plane_shape, "slice_spacing": [float(v) for v in in_plane],
         "slice_thickness": float(thickness),
-        "spacing_256": [in_plane[0] * plane_shape[0] / TARGET_SIZE, in_plane[1] * plane_shape[1] / TARGET_SIZE],
+        "spacing_256": [in_plane[0] * plane_shape[0] / SLICE_SIZE, in_plane[1] * plane_shape[1] / SLICE_SIZE],
     }
     return SliceStack(volume, record, is_8bit=is_2d and arr.dtype == np.uint8)
 

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..data.errors import ConversionError, DataError
+from ..data.grid import SLICE_SIZE
 from ..data.intensity import to_display
 from ..data.presets import DEFAULT_PERCENTILES
 from ..data.sources import IMAGE2D_EXTENSIONS, VOLUME_EXTENSIONS, read_image
@@ -291,7 +292,7 @@ def write_overlay(prediction: CasePrediction, path: str | Path, n_slices: int = 
     bounds = prediction.objects[0].bounds if prediction.objects else {"mode": "none"}
     rows_mm, cols_mm = record["slice_spacing"]
     height, width = record["slice_shape"]
-    sx, sy = width / 256.0, height / 256.0
+    sx, sy = width / SLICE_SIZE, height / SLICE_SIZE
     panels = []
     for k in picks:
         plane = stack.plane(k)

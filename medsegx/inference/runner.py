@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import runtime
-from ..data.intensity import TARGET_SIZE
+from ..data.grid import SLICE_SIZE
 from ..data.volume import SliceStack, model_slice
 from ..metrics.select import binarize, select_masks
 from ..model.config import default_select
@@ -189,7 +189,7 @@ class SliceRunner:
                    grow: int) -> None:
         start = []
         fronts: list[tuple[int, int, int, int]] = []  # object, step (+1/-1), last slice done, limit
-        whole = np.array([0, 0, TARGET_SIZE - 1, TARGET_SIZE - 1], dtype=np.float32)
+        whole = np.array([0, 0, SLICE_SIZE - 1, SLICE_SIZE - 1], dtype=np.float32)
         for i, o in enumerate(objects):
             if not o.boxes:
                 continue

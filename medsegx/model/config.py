@@ -13,14 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
+from ..data.grid import PAPER_BOX_JITTER, SLICE_SIZE
 from ..selection import LABEL_FREE_MODES, ORACLE
 
 MASK_OUTPUTS = ("multimask", "single", "all")
 
 # Training boxes grow by a random 0..N px per side (256 grid), the habit of each backbone's own training:
-# MedSegX on SAM used 20; LiteMedSAM was trained with 5 (its bbox_shift), and 20 teaches its decoder that
-# objects sit well inside their box, which shrinks masks under the tight boxes of evaluation (docs/GENERALISATION.md).
-PAPER_BOX_JITTER = 20
+# MedSegX on SAM used 20 (PAPER_BOX_JITTER, owned by medsegx.data.grid: the dataset's default); LiteMedSAM was
+# trained with 5 (its bbox_shift), and 20 teaches its decoder that objects sit well inside their box, which
+# shrinks masks under the tight boxes of evaluation (docs/GENERALISATION.md).
 LITE_BOX_JITTER = 5
 
 
@@ -64,7 +65,7 @@ class ModelConfig:
     """Every hyper-parameter needed to rebuild a model (stored in checkpoints)."""
 
     model_type: str = "vit_b"
-    img_size: int = 256
+    img_size: int = SLICE_SIZE
     patch_size: int = 16
     encoder_embed_dim: int = 768
     encoder_depth: int = 12
@@ -168,7 +169,7 @@ def model_config(model_type: str, **overrides) -> ModelConfig:
     return ModelConfig.from_dict({**base.to_dict(), **overrides})
 
 
-LITE_IMG_SIZE = 256
+LITE_IMG_SIZE = SLICE_SIZE  # LiteMedSAM's fixed input: the slice grid as it is
 # Index space of ModelConfig.adapted_blocks: TinyViT transformer blocks in forward order (stages 1, 2, 3).
 NUM_LITE_BLOCKS = 10
 # Default: the last stage (blocks 8, 9). On CPU the frozen prefix before block 8
