@@ -143,17 +143,70 @@ def model_hparams(args: argparse.Namespace) -> dict:
     }
 
 
-def _runtime_group(p: argparse.ArgumentParser, batch_size: int) -> None:
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0],
-                   help="GPUs to use; several start one DDP worker each; absent GPUs fall back to the CPU")
-    g.add_argument("--batch_size", type=positive_int, default=batch_size, help="global batch size over all GPUs")
-    g.add_argument("--num_workers", type=non_negative_int, default=4, help="DataLoader workers per process")
-    g.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
+class _OneDevice(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 1:
+            parser.error(f"{option_string}: prediction runs on one device, got {values}")
+        setattr(namespace, self.dest, values)
+
+
+def _percentiles(text: str) -> tuple[float, float]:
+    try:
+        lower, upper = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'lower,upper', got {text!r}") from None
+    if not 0.0 <= lower < upper <= 100.0:
+        raise argparse.ArgumentTypeError(f"need 0 <= lower < upper <= 100, got {text!r}")
+    return lower, upper
+
+
+def add_threads_flag(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--threads``, the same on every command that runs a model."""
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _device_flags(g: argparse._ArgumentGroup, one_device: bool) -> None:
+    """The runtime flags of every command that runs a model: its GPUs (training and evaluation: several, one
+    DDP worker each; prediction and the server: one), mixed precision, CPU threads."""
+    if one_device:
+        g.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
+                       help="the GPU to use (one); none present: the CPU")
+    else:
+        g.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0],
+                       help="GPUs to use; several start one DDP worker each; absent GPUs fall back to the CPU")
+    g.add_argument("--use_amp", action="store_true",
+                   help=f"mixed precision (fp16{'' if one_device else ' + GradScaler'} on CUDA, bf16 on CPU)")
     g.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
                    help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
+    add_threads_flag(g)
+
+
+def _preprocessing_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The preprocessing choices of conversion and prediction (medsegx.data.presets' names and defaults)."""
+    from .data.presets import (
+        AXES,
+        DEFAULT_AXIS,
+        DEFAULT_ORIENT,
+        DEFAULT_PERCENTILES,
+        ORIENTATIONS,
+        WINDOW_PRESETS,
+    )
+
+    g.add_argument("--window", default=None,
+                   help=f"CT window 'level,width' or a preset {sorted(WINDOW_PRESETS)}; default per task")
+    g.add_argument("--percentiles", type=_percentiles, default=",".join(str(p) for p in DEFAULT_PERCENTILES),
+                   help="clipping percentiles for non-CT modalities, 'lower,upper'")
+    g.add_argument("--axis", default=DEFAULT_AXIS, choices=AXES, help="slicing axis")
+    g.add_argument("--orient", default=DEFAULT_ORIENT, choices=ORIENTATIONS,
+                   help="re-order volumes to LPS before slicing, or keep the stored order")
+
+
+def _runtime_group(p: argparse.ArgumentParser, batch_size: int) -> None:
+    g = p.add_argument_group("runtime")
+    _device_flags(g, one_device=False)
+    g.add_argument("--batch_size", type=positive_int, default=batch_size, help="global batch size over all GPUs")
+    g.add_argument("--num_workers", type=non_negative_int, default=4, help="DataLoader workers per process")
     g.add_argument("--seed", type=int, default=2023, help="random seed (each process adds its rank)")
-    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--strict", action="store_true", help="stop on the first bad slice instead of skipping it")
     g.add_argument("--refresh_index", action="store_true", help="re-list the data folders, ignoring the cached index")
     add_debug_flag(g)
@@ -311,8 +364,6 @@ See docs/PREPARE_DATA.md (and medsegx/data/convert.py, presets.py, meta.py) for 
 
 
 def prepare_parser(prog: str | None = None) -> Parser:
-    from .data.presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS, WINDOW_PRESETS
-
     parser = Parser(prog=prog, description=PREPARE_DESCRIPTION)
     parser.add_argument("--images", required=True,
                         help="folder or glob of images (NIfTI/NRRD/MHA/PNG/JPG files, DICOM series folders)")
@@ -329,18 +380,12 @@ def prepare_parser(prog: str | None = None) -> Parser:
     parser.add_argument("--finetune_fraction", type=_number(float, 0.0, 1.0, what="a fraction in [0, 1]"), default=0.5,
                         help="fraction of cases put in finetune/ for --ood_site (0: all in inference/)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-case OOD split")
-    parser.add_argument("--window", default=None,
-                        help=f"CT window 'level,width' or a preset {sorted(WINDOW_PRESETS)}; default per task")
-    parser.add_argument("--percentiles", default=",".join(str(p) for p in DEFAULT_PERCENTILES),
-                        help="clipping percentiles for non-CT modalities")
-    parser.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
+    _preprocessing_flags(parser)
     parser.add_argument("--keep_empty", action="store_true", help="also write slices without foreground")
     parser.add_argument("--slice_step", type=positive_int, default=1,
                         help="keep every N-th slice that holds the target (thins dense stacks, e.g. for a quick test set)")
     parser.add_argument("--min_pixels", type=positive_int, default=1,
                         help="minimum foreground pixels on the 256 grid for a slice to be kept")
-    parser.add_argument("--orient", default="LPS", choices=ORIENTATIONS,
-                        help="re-order volumes to LPS before slicing, or keep the stored order")
     parser.add_argument("--case_ids", default="stem", choices=("stem", "index"),
                         help="case id from the file stem or a zero-padded index")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad case instead of skipping it")
@@ -401,23 +446,6 @@ chosen without a label (--select); the lite model has one.
 
 
 
-class _OneDevice(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        if len(values) > 1:
-            parser.error(f"{option_string}: prediction runs on one device, got {values}")
-        setattr(namespace, self.dest, values)
-
-
-def _percentiles(text: str) -> tuple[float, float]:
-    try:
-        lower, upper = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'lower,upper', got {text!r}") from None
-    if not 0.0 <= lower < upper <= 100.0:
-        raise argparse.ArgumentTypeError(f"need 0 <= lower < upper <= 100, got {text!r}")
-    return lower, upper
-
-
 def _check_backend(args: argparse.Namespace) -> str | None:
     if args.backend == "onnx":
         if args.onnx_dir is None:
@@ -440,19 +468,7 @@ def _label_free_select(group: argparse._ArgumentGroup) -> None:
                             "docs/GENERALISATION.md")
 
 
-def _one_device_runtime(run: argparse._ArgumentGroup) -> None:
-    """The runtime flags of prediction and the server: one device, mixed precision, CPU threads."""
-    run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
-    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
-                     help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
-    run.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
-                     help="the GPU to use (one); none present: the CPU")
-    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-
-
 def predict_parser(prog: str | None = None) -> Parser:
-    from .data.presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS, WINDOW_PRESETS
-
     p = Parser(prog=prog, description=PREDICT_DESCRIPTION,
                checks=[lambda args: _resolve_select(args, evaluation=False), _check_backend])
     p.add_argument("-i", "--input", required=True, help="image file, DICOM series folder, or a folder of cases")
@@ -485,13 +501,7 @@ def predict_parser(prog: str | None = None) -> Parser:
                          help="with --propagate: the slice --box's x-y extent was drawn on (its z range the "
                               "object's first and last slice); propagation starts there. Default: the box is "
                               "the object's 3-D bounding box and propagation starts on its middle slice")
-    pre = p.add_argument_group("preprocessing (as prepare_data.py)")
-    pre.add_argument("--window", default=None,
-                     help=f"CT window 'level,width' or a preset {sorted(WINDOW_PRESETS)}; default per task")
-    pre.add_argument("--percentiles", type=_percentiles, default=DEFAULT_PERCENTILES,
-                     help="clipping percentiles for non-CT modalities, 'lower,upper'")
-    pre.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
-    pre.add_argument("--orient", default="LPS", choices=ORIENTATIONS, help="re-order volumes to LPS before slicing")
+    _preprocessing_flags(p.add_argument_group("preprocessing (as prepare_data.py)"))
     out = p.add_argument_group("output")
     _label_free_select(out)
     out.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png")
@@ -508,7 +518,7 @@ def predict_parser(prog: str | None = None) -> Parser:
     p.add_argument("--onnx_dir", default=None, help="with --backend onnx: the folder 'medsegx export' wrote")
     run = p.add_argument_group("runtime")
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward")
-    _one_device_runtime(run)
+    _device_flags(run, one_device=True)
     run.add_argument("--seed", type=int, default=0, help="random seed (the adapters' dropout is off at inference)")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_debug_flag(run)
@@ -563,7 +573,7 @@ def serve_parser(prog: str | None = None) -> Parser:
     run = p.add_argument_group("runtime")
     _label_free_select(run)
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward (propagation, 3-D boxes)")
-    _one_device_runtime(run)
+    _device_flags(run, one_device=True)
     run.add_argument("--seed", type=int, default=0, help="random seed")
     add_debug_flag(run)
     return p
@@ -589,6 +599,6 @@ Needs the extra: pip install 'medsegx[onnx]'.""")
     p.add_argument("--opset", type=_number(int, 17, what="an ONNX opset >= 17"), default=18, help="ONNX opset")
     p.add_argument("--overwrite", action="store_true", help="replace an export already in the folder")
     p.add_argument("--no_check", action="store_true", help="skip the onnxruntime-vs-torch check after writing")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    add_threads_flag(p)
     add_debug_flag(p)
     return p
