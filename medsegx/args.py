@@ -9,6 +9,7 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 
+from .data.layout import SHIFT_TYPES
 from .model.config import (
     DEFAULT_MODEL_TYPE,
     LITE_BOX_JITTER,
@@ -222,7 +223,7 @@ def eval_parser(description: str, external: bool, prog: str | None = None) -> Pa
                    help="the evaluation slices: MedSegDB's eval/ID folder" if not external else
                         "the evaluation slices: MedSegDB's eval/OOD or eval/RealWorld folder")
     if external:
-        p.add_argument("--shift_type", required=True, choices=["cross_site", "cross_task"],
+        p.add_argument("--shift_type", required=True, choices=SHIFT_TYPES,
                        help="which shift to evaluate: a known task at unseen sites, or unseen tasks")
     p.add_argument("--metric", nargs="+", default=["dsc", "hd"], choices=["dsc", "hd", "nsd"],
                    help="metrics per slice: DSC, HD95 (pixels of the 256 grid; mm where spacing is known), NSD")
@@ -329,7 +330,7 @@ def train_parser(description: str, finetune: bool, prog: str | None = None) -> P
     p.add_argument("--prefix_cache_dir", default=None, metavar="DIR",
                    help=PREFIX_CACHE_DIR_HELP + " (implies --prefix_cache)")
     if finetune:
-        p.add_argument("--shift_type", required=True, choices=["cross_site", "cross_task"],
+        p.add_argument("--shift_type", required=True, choices=SHIFT_TYPES,
                        help="which OOD sites to fine-tune: a known task at new sites, or new tasks")
         p.add_argument("--validation", default="val", choices=["val", "test"],
                        help="val: 20%% of finetune/ by case; test: the inference/ split")

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .data.layout import TASK_POSITION, case_and_slice, task_of
+from .data.layout import EXTERNAL, INTERNAL, TASK_POSITION, case_and_slice, task_of
 from .errors import UserError
 from .fileio import atomic_write, atomic_write_set
 from .selection import ORACLE
@@ -254,7 +254,7 @@ def worst_results(results: Sequence[SliceResult], k: int = 12) -> list[SliceResu
     return sorted(scored, key=lambda r: (math.isnan(r.dsc), r.dsc))[:k]
 
 
-def format_details_md(results: Sequence[SliceResult], title: str, layout: str = "internal",
+def format_details_md(results: Sequence[SliceResult], title: str, layout: str = INTERNAL,
                       worst: int = 20) -> str:
     """Extra statistics beside the published summary (see the module docstring)."""
     if layout not in TASK_POSITION:
@@ -391,7 +391,7 @@ def format_cases_csv(results: Sequence[SliceResult]) -> str:
 
 # ----------------------------------------------------------------------------- figures
 
-def plot_dsc_boxplot(results: Sequence[SliceResult], path: str | Path | None, layout: str = "internal",
+def plot_dsc_boxplot(results: Sequence[SliceResult], path: str | Path | None, layout: str = INTERNAL,
                      title: str = "") -> Path | Any:
     """PNG box plot of slice DSC per task, written to ``path`` (None: the PNG writer, see :mod:`medsegx.fileio`)."""
     import matplotlib
@@ -529,7 +529,7 @@ def _finish_figure(fig: Any, path: str | Path | None, like_open: bool = False, *
 # ----------------------------------------------------------------------------- everything
 
 def write_report(results: Sequence[SliceResult], out_dir: str | Path, stem: str, title: str,
-                 layout: str = "internal", gallery: Sequence[dict[str, Any]] | None = None,
+                 layout: str = INTERNAL, gallery: Sequence[dict[str, Any]] | None = None,
                  float32: bool = True, notes: Sequence[str] = ()) -> dict[str, Path]:
     """Published ``<stem>.md|csv`` plus ``<stem>_details.md`` (with ``notes`` at its end),
     ``<stem>_cases.csv``, ``<stem>_dsc_boxplot.png``, ``<stem>_outputs.csv`` where the results carry
@@ -614,7 +614,7 @@ def compare_reports(a: Path, b: Path, labels: tuple[str, str], external: bool) -
         raise UserError(f"{a} and {b} share no slice")
     per_task: dict[str, list[str]] = defaultdict(list)
     for key in common:
-        per_task[task_of(key, "external" if external else "internal")].append(key)
+        per_task[task_of(key, EXTERNAL if external else INTERNAL)].append(key)
     lines = [f"| task | N | {labels[0]} DSC | {labels[1]} DSC | change |", "|---|---|---|---|---|"]
     for task, keys in sorted(per_task.items()) + [("ALL (mean over slices)", common)]:
         ma, mb = np.mean([da[k] for k in keys]), np.mean([db[k] for k in keys])

@@ -15,6 +15,7 @@ from .. import runtime
 from ..checkpointer import LATEST, RESULT, RunFolderError, RunLock, holds_run
 from ..data.catalog import open_catalog, problem_summary
 from ..data.dataset import MedSegDataset
+from ..data.layout import FINETUNE, INFERENCE
 from ..engine import evaluate, make_eval_loader, mean_dsc
 from ..errors import UserError
 from ..fileio import atomic_write_set, atomic_write_text, ensure_writable_dir
@@ -49,7 +50,7 @@ def _selection(args: argparse.Namespace) -> str:
 
 def plan_sites(args: argparse.Namespace, catalog: Any) -> list[dict[str, Any]]:
     """Every site to fine-tune with its slices (training pool, validation, test), checked before any work."""
-    finetune_all = catalog.select(subset="finetune")
+    finetune_all = catalog.select(subset=FINETUNE)
     sites = list(dict.fromkeys(folder.group_key for folder in finetune_all.folders))
     if args.sites:
         wanted = set(args.sites)
@@ -65,7 +66,7 @@ def plan_sites(args: argparse.Namespace, catalog: Any) -> list[dict[str, Any]]:
     for key in sites:
         site = "/".join(key)
         ft = finetune_all.select(where=lambda f, key=key: f.group_key == key)
-        test = catalog.select(subset="inference", where=lambda f, key=key: f.group_key == key)
+        test = catalog.select(subset=INFERENCE, where=lambda f, key=key: f.group_key == key)
         if args.validation == "val":
             train_pool, val = ft.train_val_split(0.2, seed=args.seed)
         else:
