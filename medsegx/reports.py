@@ -39,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from .data.layout import TASK_POSITION, case_and_slice, task_of
+from .data.layout import EXTERNAL, INTERNAL, TASK_POSITION, case_and_slice, task_of
 from .errors import UserError
 from .fileio import atomic_write, atomic_write_set
+from .selection import ORACLE
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class SliceResult:
     group: tuple[str, ...] = field(default=())
     dsc: float = math.nan
     hd: float = math.nan
-    select: str = "oracle"
+    select: str = ORACLE
     nsd: float | None = None
     dsc_oracle: float | None = None
     dsc_iou: float | None = None
@@ -90,7 +91,7 @@ class SliceResult:
             raise ValueError(f"result {self.name!r}: no group (pass group= or a name with folders)")
         if self.case is None:
             self.case = case_and_slice(self.name.rsplit("/", 1)[-1])[0]
-        if self.dsc_oracle is None and self.select == "oracle":
+        if self.dsc_oracle is None and self.select == ORACLE:
             self.dsc_oracle = self.dsc
 
 
@@ -253,7 +254,7 @@ def worst_results(results: Sequence[SliceResult], k: int = 12) -> list[SliceResu
     return sorted(scored, key=lambda r: (math.isnan(r.dsc), r.dsc))[:k]
 
 
-def format_details_md(results: Sequence[SliceResult], title: str, layout: str = "internal",
+def format_details_md(results: Sequence[SliceResult], title: str, layout: str = INTERNAL,
                       worst: int = 20) -> str:
     """Extra statistics beside the published summary (see the module docstring)."""
     if layout not in TASK_POSITION:
@@ -262,11 +263,11 @@ def format_details_md(results: Sequence[SliceResult], title: str, layout: str = 
     skipped = [r for r in results if r.skipped is not None]
     cases = case_dsc(results)
     lines = [f"# {title}: details", ""]
-    modes = sorted({r.select for r in scored}) or ["oracle"]
+    modes = sorted({r.select for r in scored}) or [ORACLE]
     chosen = ", ".join(modes)
     lines.append(f"Slices scored: {len(scored)}; skipped: {len(skipped)}. The published files (`.md`, `.csv`) and the "
                  f"DSC / HD95 columns below score the output chosen by `--select {chosen}`"
-                 + (" (the paper's protocol: the output with the best DSC against the label)" if modes == ["oracle"]
+                 + (" (the paper's protocol: the output with the best DSC against the label)" if modes == [ORACLE]
                     else "; the published tables use oracle selection") + ". DSC (oracle) looks at the label; "
                  "DSC (iou) and DSC (first) choose without it, so oracle - iou is the selection gap. HD is HD95 in "
                  "pixels of the scored grid; HD95 mm uses the slice spacing where it is known (n/a: no physical "
@@ -330,7 +331,7 @@ def _choice_modes(scored: Sequence[SliceResult]) -> tuple[int, list[str]]:
         return 0, []
     k = min(len(r.dsc_outputs) for r in scored)
     modes = [m for m in scored[0].dsc_modes if all(m in r.dsc_modes for r in scored)]
-    return k, sorted(modes, key=lambda m: m != "oracle")
+    return k, sorted(modes, key=lambda m: m != ORACLE)
 
 
 def _choice_table(scored: Sequence[SliceResult], layout: str) -> list[str]:
@@ -390,7 +391,7 @@ def format_cases_csv(results: Sequence[SliceResult]) -> str:
 
 # ----------------------------------------------------------------------------- figures
 
-def plot_dsc_boxplot(results: Sequence[SliceResult], path: str | Path | None, layout: str = "internal",
+def plot_dsc_boxplot(results: Sequence[SliceResult], path: str | Path | None, layout: str = INTERNAL,
                      title: str = "") -> Path | Any:
     """PNG box plot of slice DSC per task, written to ``path`` (None: the PNG writer, see :mod:`medsegx.fileio`)."""
     import matplotlib
@@ -528,7 +529,7 @@ def _finish_figure(fig: Any, path: str | Path | None, like_open: bool = False, *
 # ----------------------------------------------------------------------------- everything
 
 def write_report(results: Sequence[SliceResult], out_dir: str | Path, stem: str, title: str,
-                 layout: str = "internal", gallery: Sequence[dict[str, Any]] | None = None,
+                 layout: str = INTERNAL, gallery: Sequence[dict[str, Any]] | None = None,
                  float32: bool = True, notes: Sequence[str] = ()) -> dict[str, Path]:
     """Published ``<stem>.md|csv`` plus ``<stem>_details.md`` (with ``notes`` at its end),
     ``<stem>_cases.csv``, ``<stem>_dsc_boxplot.png``, ``<stem>_outputs.csv`` where the results carry
@@ -613,7 +614,7 @@ def compare_reports(a: Path, b: Path, labels: tuple[str, str], external: bool) -
         raise UserError(f"{a} and {b} share no slice")
     per_task: dict[str, list[str]] = defaultdict(list)
     for key in common:
-        per_task[task_of(key, "external" if external else "internal")].append(key)
+        per_task[task_of(key, EXTERNAL if external else INTERNAL)].append(key)
     lines = [f"| task | N | {labels[0]} DSC | {labels[1]} DSC | change |", "|---|---|---|---|---|"]
     for task, keys in sorted(per_task.items()) + [("ALL (mean over slices)", common)]:
         ma, mb = np.mean([da[k] for k in keys]), np.mean([db[k] for k in keys])

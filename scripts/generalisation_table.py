@@ -12,8 +12,8 @@ import statistics
 import sys
 from pathlib import Path
 
-LABEL_FREE_MODES = ("iou", "first", "stability", "agreement", "iou_stable", "first_stable", "first_confident",
-                    "first_consensus")  # medsegx.selection's (this script runs without the package installed)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from the source tree, uninstalled
+from medsegx.selection import LABEL_FREE_MODES, ORACLE  # noqa: E402
 
 SETS = [("ID (trained tasks)", "ID/internal/ID_details.md"), ("CT organs (held out)", "CTorgans/internal/ID_details.md"),
         ("HC18 fetal head (cross-task)", "OOD/external/OOD-task_details.md"),
@@ -53,7 +53,7 @@ def read_choices(path: Path) -> dict[str, float]:
         cells = [c.strip() for c in line.split("|")]
         if cells[1] == "ALL":
             return {name: float(cells[i]) for i, name in enumerate(header)
-                    if name in LABEL_FREE_MODES + ("oracle",) and i < len(cells)}
+                    if name in (*LABEL_FREE_MODES, ORACLE) and i < len(cells)}
     return {}
 
 

@@ -161,7 +161,7 @@ def test_box_jitter_flag(real_db, tmp_path):
     """--box_jitter defaults to the backbone's own training jitter (LiteMedSAM 5 px, the paper's SAM 20 px,
     the dataset's default) and bounds the training boxes."""
     from medsegx.args import train_parser
-    from medsegx.data.dataset import BOX_JITTER
+    from medsegx.data.grid import PAPER_BOX_JITTER as BOX_JITTER
     for finetune in (False, True):
         argv = ["--shift_type", "cross_site"] if finetune else []
         parse = train_parser("x", finetune=finetune).parse_args

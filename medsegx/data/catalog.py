@@ -31,9 +31,13 @@ import numpy as np
 from .errors import DataError
 from .index import index_split_root, list_subdirs
 from .layout import (
+    AUTO_LAYOUT,
     EVAL,
+    EXTERNAL_LAYOUT,
     EXTERNAL_SPLITS,
+    FOLDER_LAYOUTS,
     ID,
+    ID_LAYOUT,
     IMAGES_DIR,
     MASKS_DIR,
     SHIFT_TYPES,
@@ -131,15 +135,16 @@ def find_split_roots(path: str | Path, shift_type: str | None = None, *,
         raise FileNotFoundError(f"data path {root} is not a folder")
     if shift_type is not None and shift_type not in SHIFT_TYPES:
         raise ValueError(f"shift_type must be one of {SHIFT_TYPES}, got {shift_type!r}")
-    if layout is not None and layout not in ("id", "external", "auto"):
-        raise ValueError(f"layout must be 'id', 'external' or 'auto', got {layout!r}")
+    if layout is not None and layout not in FOLDER_LAYOUTS:
+        words = f"{', '.join(repr(w) for w in FOLDER_LAYOUTS[:-1])} or {FOLDER_LAYOUTS[-1]!r}"
+        raise ValueError(f"layout must be {words}, got {layout!r}")
 
     def external(base: Path, prefix: str) -> list[SplitRoot]:
         shifts = (shift_type,) if shift_type else SHIFT_TYPES
-        return [SplitRoot(base / s, f"{prefix}/{s}", "external") for s in shifts if (base / s).is_dir()]
+        return [SplitRoot(base / s, f"{prefix}/{s}", EXTERNAL_LAYOUT) for s in shifts if (base / s).is_dir()]
 
     def evaluation(base: Path) -> list[SplitRoot]:
-        found = [] if shift_type or not (base / ID).is_dir() else [SplitRoot(base / ID, ID, "id")]
+        found = [] if shift_type or not (base / ID).is_dir() else [SplitRoot(base / ID, ID, ID_LAYOUT)]
         for name in EXTERNAL_SPLITS:
             if (base / name).is_dir():
                 found += external(base / name, name)
@@ -151,18 +156,18 @@ def find_split_roots(path: str | Path, shift_type: str | None = None, *,
     elif root.name in SHIFT_TYPES:
         if shift_type and shift_type != root.name:
             raise ValueError(f"shift_type {shift_type!r} contradicts the data path {root}")
-        found = [SplitRoot(root, f"{root.parent.name}/{root.name}", "external")]
+        found = [SplitRoot(root, f"{root.parent.name}/{root.name}", EXTERNAL_LAYOUT)]
     elif root.name in EXTERNAL_SPLITS or children & set(SHIFT_TYPES):
         found = external(root, root.name)
     elif TRAIN in children or EVAL in children:
-        found = [] if shift_type or TRAIN not in children else [SplitRoot(root / TRAIN, TRAIN, "id")]
+        found = [] if shift_type or TRAIN not in children else [SplitRoot(root / TRAIN, TRAIN, ID_LAYOUT)]
         found += evaluation(root / EVAL) if EVAL in children else []
     elif root.name == EVAL or children & {ID, *EXTERNAL_SPLITS}:
         found = evaluation(root)
     elif root.name in (TRAIN, ID):
-        found = [SplitRoot(root, root.name, "id")]
+        found = [SplitRoot(root, root.name, ID_LAYOUT)]
     else:
-        found = [_inside_split(root) or SplitRoot(root, root.name, "auto")]
+        found = [_inside_split(root) or SplitRoot(root, root.name, AUTO_LAYOUT)]
     if splits is not None:
         found = [r for r in found if any(r.split == s or r.split.startswith(s + "/") for s in splits)]
     if not found:
@@ -175,17 +180,17 @@ def _inside_split(path: Path) -> SplitRoot | None:
     for depth, parent in enumerate(path.parents):
         within = path.parts[len(path.parts) - depth - 1:]
         if parent.name in (TRAIN, ID):
-            return SplitRoot(parent, parent.name, "id", within)
+            return SplitRoot(parent, parent.name, ID_LAYOUT, within)
         if parent.name in SHIFT_TYPES:
-            return SplitRoot(parent, f"{parent.parent.name}/{parent.name}", "external", within)
+            return SplitRoot(parent, f"{parent.parent.name}/{parent.name}", EXTERNAL_LAYOUT, within)
     return None
 
 
 def _parse_folder(rel: tuple[str, ...], layout: str) -> tuple[str, str, str | None, str | None]:
     """Leaf folder path (relative to its split root) -> dataset, task folder, sequence, subset."""
-    if layout == "auto":
-        layout = "external" if any(p in SUBSETS for p in rel[2:]) else "id"
-    if layout == "id":
+    if layout == AUTO_LAYOUT:
+        layout = EXTERNAL_LAYOUT if any(p in SUBSETS for p in rel[2:]) else ID_LAYOUT
+    if layout == ID_LAYOUT:
         if len(rel) < 2:
             raise ValueError("expected Dataset/Modality_Task/[Sequence/] above npy_imgs and npy_gts")
         return rel[0], rel[1], "/".join(rel[2:]) or None, None

@@ -35,7 +35,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import ConversionError
-from .intensity import TARGET_SIZE, resize_mask
+from .grid import SLICE_SIZE
+from .intensity import resize_mask
 from .layout import (
     FINETUNE,
     IMAGES_DIR,
@@ -49,7 +50,7 @@ from .layout import (
     slice_name,
 )
 from .meta import META_FILE, META_FORMAT, write_meta
-from .presets import AXES, DEFAULT_PERCENTILES, ORIENTATIONS
+from .presets import AXES, DEFAULT_AXIS, DEFAULT_ORIENT, DEFAULT_PERCENTILES, ORIENTATION_WORDS, ORIENTATIONS
 from .sources import case_id_from_path, pair_inputs, read_image, read_label, series_info
 from .volume import model_slice, slice_stack, stack_intensity
 
@@ -81,11 +82,11 @@ class ConvertConfig:
     seed: int = 0
     window: tuple[float, float] | None = None
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES
-    axis: str = "axial"
+    axis: str = DEFAULT_AXIS
     keep_empty: bool = False
     min_pixels: int = 1
     slice_step: int = 1
-    orient: str = "LPS"
+    orient: str = DEFAULT_ORIENT
     geometry_tolerance: float = 0.01
     case_ids: str = "stem"
 
@@ -106,7 +107,7 @@ class ConvertConfig:
         if self.axis not in AXES:
             raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}")
         if self.orient not in ORIENTATIONS:
-            raise ValueError(f"orient must be 'LPS' or 'none', got {self.orient!r}")
+            raise ValueError(f"orient must be {ORIENTATION_WORDS}, got {self.orient!r}")
         if not 0.0 <= self.finetune_fraction <= 1.0:
             raise ValueError(f"finetune_fraction must lie in [0, 1], got {self.finetune_fraction}")
         if self.slice_step < 1 or self.min_pixels < 1:
@@ -283,7 +284,7 @@ def update_meta(cfg: ConvertConfig, results: Iterable[CaseResult]) -> list[Path]
         header = {
             "format": META_FORMAT, "modality": cfg.modality, "task": task,
             "task_folder": cfg.task_folder(task), "dataset": cfg.dataset, "sequence": cfg.sequence,
-            "layout": "ood" if cfg.ood_site else "id", "target_size": TARGET_SIZE,
+            "layout": "ood" if cfg.ood_site else "id", "target_size": SLICE_SIZE,
         }
         cases: dict[str, dict] = {}
         slices: dict[str, dict] = {}

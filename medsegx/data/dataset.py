@@ -12,12 +12,10 @@ from torch.utils.data import Dataset
 
 from .catalog import SliceRecord
 from .errors import DataError
+from .grid import PAPER_BOX_JITTER, SLICE_SIZE
 from .npy import BadSlice, read_npy_mask
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SIZE = 256
-BOX_JITTER = 20  # the paper's; training scripts pass the backbone's own (model.config.default_box_jitter)
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -77,8 +75,8 @@ class MedSegDataset(Dataset):
     datasets raise :class:`DataError` naming the file. ``seed``: see :meth:`_jitter` and :meth:`set_epoch`.
     """
 
-    def __init__(self, records: Sequence[SliceRecord], *, train: bool = False, image_size: int = IMAGE_SIZE,
-                 jitter: int = BOX_JITTER, seed: int | None = None, strict: bool = False):
+    def __init__(self, records: Sequence[SliceRecord], *, train: bool = False, image_size: int = SLICE_SIZE,
+                 jitter: int = PAPER_BOX_JITTER, seed: int | None = None, strict: bool = False):
         self.records = records
         self.train = bool(train)
         self.image_size = int(image_size)

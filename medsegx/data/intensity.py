@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .grid import SLICE_SIZE
 from .presets import DEFAULT_PERCENTILES, HU_MODALITIES, default_window
-
-TARGET_SIZE = 256  # the side of a MedSegDB slice
 
 
 def intensity_bounds(volume: np.ndarray, modality: str, task: str, window: tuple[float, float] | None,
@@ -40,7 +39,7 @@ def to_display(plane: np.ndarray, bounds: dict) -> np.ndarray:
     return out
 
 
-def resize_image(image: np.ndarray, size: int = TARGET_SIZE) -> np.ndarray:
+def resize_image(image: np.ndarray, size: int = SLICE_SIZE) -> np.ndarray:
     """Anti-aliased linear resize of (H, W) or (H, W, C) to (size, size[, C]) float32.
 
     A Gaussian pre-filter (sigma = (scale - 1) / 2 where shrinking) removes what the coarser grid
@@ -68,7 +67,7 @@ def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
-def resize_mask(mask: np.ndarray, shape: tuple[int, int] = (TARGET_SIZE, TARGET_SIZE)) -> np.ndarray:
+def resize_mask(mask: np.ndarray, shape: tuple[int, int] = (SLICE_SIZE, SLICE_SIZE)) -> np.ndarray:
     """Nearest-neighbour resize on pixel centres of a (H, W) mask to ``shape``; dtype kept."""
     mask = np.asarray(mask)
     return mask[np.ix_(_nearest_index(mask.shape[0], shape[0]), _nearest_index(mask.shape[1], shape[1]))]

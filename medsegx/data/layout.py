@@ -25,8 +25,14 @@ EXTERNAL_SPLITS = ("OOD", "RealWorld")
 SHIFT_TYPES = ("cross_site", "cross_task")
 FINETUNE, INFERENCE = "finetune", "inference"  # an external site: adaptation data, held-out test data
 SUBSETS = (FINETUNE, INFERENCE)
-# Position of the task in a report group: internal (ID, train) groups are Dataset/Task, external Task/Dataset.
-TASK_POSITION = {"internal": 1, "external": 0}
+# The two report layouts (the reports' ``layout``, the evaluation's sub-folders): internal (ID, train) groups
+# are Dataset/Task, external ones Task/Dataset; the position of the task in a report group.
+INTERNAL, EXTERNAL = "internal", "external"
+TASK_POSITION = {INTERNAL: 1, EXTERNAL: 0}
+# How a catalog reads a split root's folders: Dataset/Task/.. (train, ID), Task/Dataset/../subset (the
+# external splits), or decided per folder (external where a finetune/inference folder is present).
+ID_LAYOUT, EXTERNAL_LAYOUT, AUTO_LAYOUT = "id", EXTERNAL, "auto"
+FOLDER_LAYOUTS = (ID_LAYOUT, EXTERNAL_LAYOUT, AUTO_LAYOUT)
 
 _SLICE = re.compile(r"^casenum_(?P<case>.+)_sliceid_(?P<slice>[^_]+)\.npy$")
 

@@ -32,8 +32,10 @@ from pathlib import Path
 
 WINDOWS_FILE = Path(__file__).with_name("windows.json")
 
-AXES = ("axial", "coronal", "sagittal")
-ORIENTATIONS = ("LPS", "none")  # re-order volumes to LPS, or keep the stored order
+AXES = AXIAL, CORONAL, SAGITTAL = ("axial", "coronal", "sagittal")  # the slicing axes of the canonical stack
+ORIENTATIONS = LPS, KEEP_ORDER = ("LPS", "none")  # re-order volumes to LPS, or keep the stored order
+DEFAULT_AXIS, DEFAULT_ORIENT = AXIAL, LPS  # conversion's, prediction's and the server's
+ORIENTATION_WORDS = " or ".join(repr(o) for o in ORIENTATIONS)  # for messages: 'LPS' or 'none'
 DEFAULT_PERCENTILES = (0.5, 99.5)
 
 

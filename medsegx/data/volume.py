@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .grid import SLICE_SIZE
 from .intensity import (
-    TARGET_SIZE,
     intensity_bounds,
     resize_image,
     resize_mask,
@@ -29,7 +29,20 @@ from .intensity import (
     to_uint8_rgb,
 )
 from .layout import parse_slice_name
-from .presets import AXES, DEFAULT_PERCENTILES, HU_MODALITIES, ORIENTATIONS, default_window
+from .presets import (
+    AXES,
+    AXIAL,
+    CORONAL,
+    DEFAULT_AXIS,
+    DEFAULT_ORIENT,
+    DEFAULT_PERCENTILES,
+    HU_MODALITIES,
+    KEEP_ORDER,
+    LPS,
+    ORIENTATION_WORDS,
+    ORIENTATIONS,
+    default_window,
+)
 from .sources import check_image_dimensions, image_geometry
 
 # --------------------------------------------------------------------------- orientation
@@ -72,9 +85,9 @@ def _from_canonical(arr: np.ndarray, perm: Sequence[int], flip: Sequence[bool]) 
 def _slice_plane(canonical_spacing: Sequence[float], axis: str) -> tuple[int, tuple[float, float], float]:
     """Numpy axis sliced, in-plane (row, col) spacing and slice thickness for ``axis``."""
     sx, sy, sz = canonical_spacing
-    if axis == "axial":
+    if axis == AXIAL:
         return 0, (sy, sx), sz
-    if axis == "coronal":
+    if axis == CORONAL:
         return 1, (sz, sx), sy
     return 2, (sz, sy), sx
 
@@ -126,7 +139,7 @@ class SliceStack:
         return _take(self.volume if volume is None else volume, self.axis_index, k, bool(self.record["flip_rows"]))
 
 
-def slice_stack(image: sitk.Image, source: str | Path, axis: str = "axial", orient: str = "LPS") -> SliceStack:
+def slice_stack(image: sitk.Image, source: str | Path, axis: str = DEFAULT_AXIS, orient: str = DEFAULT_ORIENT) -> SliceStack:
     """The canonical slice stack of a 2-D or 3-D image read from ``source`` (a file or DICOM folder).
 
     Volumes are re-ordered to LPS (``orient="LPS"``, a permutation/flip without interpolation) or
@@ -136,7 +149,7 @@ def slice_stack(image: sitk.Image, source: str | Path, axis: str = "axial", orie
     """
     source = Path(source)
     if axis not in AXES or orient not in ORIENTATIONS:
-        raise ValueError(f"axis must be one of {AXES} and orient 'LPS' or 'none', got {axis!r}, {orient!r}")
+        raise ValueError(f"axis must be one of {AXES} and orient {ORIENTATION_WORDS}, got {axis!r}, {orient!r}")
     check_image_dimensions(image, source)
     is_2d = image.GetDimension() == 2
     arr = sitk.GetArrayFromImage(image)
@@ -149,11 +162,11 @@ def slice_stack(image: sitk.Image, source: str | Path, axis: str = "axial", orie
         sx, sy = geometry["spacing"]
         in_plane, thickness = (sy, sx), 1.0
     else:
-        perm, flip = orientation_plan(geometry["direction"]) if orient == "LPS" else ([0, 1, 2], [False] * 3)
+        perm, flip = orientation_plan(geometry["direction"]) if orient == LPS else ([0, 1, 2], [False] * 3)
         volume = _to_canonical(arr, perm, flip)
         canonical_spacing = [geometry["spacing"][p] for p in perm]
         axis_i, in_plane, thickness = _slice_plane(canonical_spacing, axis)
-        flip_rows = orient == "LPS" and axis != "axial"
+        flip_rows = orient == LPS and axis != AXIAL
     shape = list(volume.shape[:3])
     plane_shape = [n for i, n in enumerate(shape) if i != axis_i]
     record = {
@@ -161,12 +174,12 @@ def slice_stack(image: sitk.Image, source: str | Path, axis: str = "axial", orie
         **geometry,
         "orientation": None if is_2d else sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
             geometry["direction"]),
-        "canonical": None if is_2d or orient == "none" else "LPS",
+        "canonical": None if is_2d or orient == KEEP_ORDER else LPS,
         "perm": perm, "flip": flip, "axis": None if is_2d else axis, "flip_rows": flip_rows,
         "canonical_shape": shape, "n_slices": int(shape[axis_i]),
         "slice_shape": plane_shape, "slice_spacing": [float(v) for v in in_plane],
         "slice_thickness": float(thickness),
-        "spacing_256": [in_plane[0] * plane_shape[0] / TARGET_SIZE, in_plane[1] * plane_shape[1] / TARGET_SIZE],
+        "spacing_256": [in_plane[0] * plane_shape[0] / SLICE_SIZE, in_plane[1] * plane_shape[1] / SLICE_SIZE],
     }
     return SliceStack(volume, record, is_8bit=is_2d and arr.dtype == np.uint8)
 

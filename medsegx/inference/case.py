@@ -20,8 +20,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..data.errors import ConversionError, DataError
+from ..data.grid import SLICE_SIZE
 from ..data.intensity import to_display
-from ..data.presets import DEFAULT_PERCENTILES
+from ..data.presets import AXES, DEFAULT_AXIS, DEFAULT_ORIENT, DEFAULT_PERCENTILES
 from ..data.sources import IMAGE2D_EXTENSIONS, VOLUME_EXTENSIONS, read_image
 from ..data.volume import SliceStack, mask_to_plane, put_plane, slice_stack, stack_intensity, stack_to_image
 from ..fileio import atomic_write_named, atomic_write_text, format_json
@@ -60,8 +61,8 @@ class PredictOptions:
     task: str | None = None
     window: tuple[float, float] | None = None
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES
-    axis: str = "axial"
-    orient: str = "LPS"
+    axis: str = DEFAULT_AXIS
+    orient: str = DEFAULT_ORIENT
     propagate: bool = False
     box_margin: int = 0
     propagate_grow: int = PROPAGATE_GROW
@@ -160,7 +161,7 @@ def stored_slice_index(record: Mapping):
     """The stored image axis a canonical slice id runs along (``"x"|"y"|"z"``) and the id -> stored index map."""
     if record["kind"] == "image2d":
         return None, None
-    canonical_axis = 2 - ("axial", "coronal", "sagittal").index(record["axis"])  # ITK order x, y, z
+    canonical_axis = 2 - AXES.index(record["axis"])  # ITK order x, y, z
     stored_axis = record["perm"][canonical_axis]
     n = record["size"][stored_axis]
     flipped = record["flip"][canonical_axis]
@@ -291,7 +292,7 @@ def write_overlay(prediction: CasePrediction, path: str | Path, n_slices: int = 
     bounds = prediction.objects[0].bounds if prediction.objects else {"mode": "none"}
     rows_mm, cols_mm = record["slice_spacing"]
     height, width = record["slice_shape"]
-    sx, sy = width / 256.0, height / 256.0
+    sx, sy = width / SLICE_SIZE, height / SLICE_SIZE
     panels = []
     for k in picks:
         plane = stack.plane(k)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..args import PROPAGATE_GROW
-from ..data.intensity import TARGET_SIZE, resize_mask
+from ..data.grid import SLICE_SIZE
+from ..data.intensity import resize_mask
 from ..data.sources import IMAGE_SUFFIXES, strip_extension
 from ..data.taxonomy import NEUTRAL_ROW, TaxonomyError, load_taxonomy
 from ..data.volume import SliceStack
@@ -228,7 +229,7 @@ def box_mask(box: tuple[int, ...], shape: Sequence[int]) -> np.ndarray:
     return mask
 
 
-def plane_box(plane: np.ndarray, margin: int = 0, size: int = TARGET_SIZE) -> np.ndarray:
+def plane_box(plane: np.ndarray, margin: int = 0, size: int = SLICE_SIZE) -> np.ndarray:
     """Box prompt on the ``size`` grid for the foreground of one slice ``plane`` (its own resolution).
 
     As the evaluation: the tight box (x0, y0, x1, y1, inclusive) of the mask resampled to the grid by

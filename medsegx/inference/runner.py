@@ -23,11 +23,11 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import runtime
-from ..args import LABEL_FREE_SELECTION
-from ..data.intensity import TARGET_SIZE
+from ..data.grid import SLICE_SIZE
 from ..data.volume import SliceStack, model_slice
 from ..metrics.select import binarize, select_masks
 from ..model.config import default_select
+from ..selection import LABEL_FREE_MODES
 from .prompts import PROPAGATE_GROW, PreparedObject, follow_box
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class SliceRunner:
         if select is None:
             config = getattr(model, "config", None)
             select = default_select(config.model_type if config is not None else "vit_b")
-        if select not in LABEL_FREE_SELECTION:
-            raise ValueError(f"select must be one of {LABEL_FREE_SELECTION} (never the label), got {select!r}")
+        if select not in LABEL_FREE_MODES:
+            raise ValueError(f"select must be one of {LABEL_FREE_MODES} (never the label), got {select!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model.eval()
@@ -189,7 +189,7 @@ class SliceRunner:
                    grow: int) -> None:
         start = []
         fronts: list[tuple[int, int, int, int]] = []  # object, step (+1/-1), last slice done, limit
-        whole = np.array([0, 0, TARGET_SIZE - 1, TARGET_SIZE - 1], dtype=np.float32)
+        whole = np.array([0, 0, SLICE_SIZE - 1, SLICE_SIZE - 1], dtype=np.float32)
         for i, o in enumerate(objects):
             if not o.boxes:
                 continue

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..args import PROPAGATE_GROW
 from ..data.convert import parse_labels_map
-from ..data.presets import DEFAULT_PERCENTILES, parse_window
+from ..data.presets import AXIAL, DEFAULT_AXIS, DEFAULT_ORIENT, DEFAULT_PERCENTILES, KEEP_ORDER, parse_window
 from ..data.sources import read_label
 from ..metrics.reference import ScoredObject, describe_scores, score_reference
 from .case import (
@@ -134,8 +134,8 @@ class Segmenter:
             if mask.shape != spatial or not np.issubdtype(mask.dtype, np.integer) or mask.min(initial=0) < 0:
                 raise PromptError(f"prompt_mask must be a non-negative integer array of shape {spatial}, "
                                   f"got {mask.dtype} {mask.shape}")
-        opts = _options(modality=modality, task=task, window=window, percentiles=percentiles, axis="axial",
-                        orient="none", propagate=propagate, propagate_grow=propagate_grow, box_margin=box_margin,
+        opts = _options(modality=modality, task=task, window=window, percentiles=percentiles, axis=AXIAL,
+                        orient=KEEP_ORDER, propagate=propagate, propagate_grow=propagate_grow, box_margin=box_margin,
                         labels_map=labels_map)
         return self._predict("image", sitk_image, Path("image"), opts, box, mask, label, seed).array
 
@@ -146,8 +146,8 @@ class Segmenter:
                      label: int = 1, propagate: bool = False, propagate_grow: int = PROPAGATE_GROW,
                      seed: int | None = None, box_margin: int = 0,
                      window: str | tuple[float, float] | None = None,
-                     percentiles: tuple[float, float] = DEFAULT_PERCENTILES, axis: str = "axial",
-                     orient: str = "LPS", log: str | Path | None = None,
+                     percentiles: tuple[float, float] = DEFAULT_PERCENTILES, axis: str = DEFAULT_AXIS,
+                     orient: str = DEFAULT_ORIENT, log: str | Path | None = None,
                      overlay: str | Path | None = None, reference: str | Path | None = None,
                      nsd_tolerance: float = 2.0) -> CasePrediction:
         """Segment a scan file (volume, DICOM folder, 2-D image, .npy slice) as ``predict.py`` does.

@@ -34,15 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..selection import LABEL_FREE_MODES, SELECTION_MODES
+from ..selection import LABEL_FREE_MODES, MODE_NEEDS, ORACLE, SELECTION_MODES
 from ._inputs import SpacingLike, as_mask_batch, to_numpy
 from .dice import count_true, dice_from_counts
 from .surface import hd95, nsd
 
-# What each label-free rule reads: the IoU head, the logits (stability) or the masks (agreement).
-MODE_NEEDS = {"first": (), "iou": ("iou",), "stability": ("stability",), "agreement": ("agreement",),
-              "iou_stable": ("iou", "stability"), "first_stable": ("iou", "stability"),
-              "first_confident": ("iou",), "first_consensus": ("iou", "agreement")}
 # SAM's automatic mask generator defaults (stability_score_offset, stability_score_thresh, pred_iou_thresh).
 STABILITY_OFFSET = 1.0
 STABILITY_THRESH = 0.95
@@ -195,7 +191,7 @@ def available_modes(scores: dict[str, np.ndarray]) -> list[str]:
     return [mode for mode in LABEL_FREE_MODES if all(need in scores for need in MODE_NEEDS[mode])]
 
 
-def select_masks(masks_or_logits: Any, gt: Any = None, iou_pred: Any = None, mode: str = "oracle") -> np.ndarray:
+def select_masks(masks_or_logits: Any, gt: Any = None, iou_pred: Any = None, mode: str = ORACLE) -> np.ndarray:
     """Index of the chosen output per item -> int64 ``B``.
 
     Args:
@@ -217,7 +213,7 @@ def select_masks(masks_or_logits: Any, gt: Any = None, iou_pred: Any = None, mod
         if iou_pred is None:
             raise ValueError("mode 'iou' needs iou_pred (B x K)")
         return choose("iou", shape[:2], iou=iou_pred)
-    if mode != "oracle":
+    if mode != ORACLE:
         scores = {}
         if "stability" in MODE_NEEDS[mode]:
             scores["stability"] = stability_scores(masks_or_logits.float() if isinstance(masks_or_logits, torch.Tensor)
@@ -234,7 +230,7 @@ def select_masks(masks_or_logits: Any, gt: Any = None, iou_pred: Any = None, mod
     return _first_argmax(dice_per_mask(m, g)["dsc"])
 
 
-def score_multimask(masks_or_logits: Any, gt: Any, iou_pred: Any = None, *, select: str = "oracle",
+def score_multimask(masks_or_logits: Any, gt: Any, iou_pred: Any = None, *, select: str = ORACLE,
                     metrics: Sequence[str] = ("dsc", "hd"), spacing: Sequence[SpacingLike | None] | SpacingLike = None,
                     nsd_tolerance: float = 2.0, empty: str = "published") -> dict[str, np.ndarray]:
     """The one scorer of multimask outputs: every selection mode's choice and DSC, and the surface
@@ -266,7 +262,7 @@ def score_multimask(masks_or_logits: Any, gt: Any, iou_pred: Any = None, *, sele
     if g.shape != (m.shape[0],) + m.shape[2:]:
         raise ValueError(f"gt must be B x [1 x] H x W matching {m.shape}, got {np.shape(gt)}")
     scores = output_scores(masks_or_logits, iou_pred)
-    modes = ["oracle", *available_modes(scores)]
+    modes = [ORACLE, *available_modes(scores)]
     if select not in modes:
         raise ValueError(f"select must be one of {modes}, got {select!r}")
     b = m.shape[0]
@@ -277,7 +273,7 @@ def score_multimask(masks_or_logits: Any, gt: Any, iou_pred: Any = None, *, sele
                            "empty_label": counts["gt_size"] == 0, "modes": modes,
                            **{f"score_{name}": value for name, value in scores.items()}}
     for mode in modes:
-        idx = _first_argmax(dsc_all) if mode == "oracle" else choose(mode, m.shape[:2], **scores)
+        idx = _first_argmax(dsc_all) if mode == ORACLE else choose(mode, m.shape[:2], **scores)
         out[f"idx_{mode}"], out[f"dsc_{mode}"] = idx, dsc_all[rows, idx]
     idx = out[f"idx_{select}"]
     chosen = m[rows, idx]

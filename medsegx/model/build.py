@@ -1,7 +1,8 @@
 """Model builders: a registry of backbones and the one builder every entry point uses.
 
-:data:`MODEL_REGISTRY` maps each name of :data:`~medsegx.model.config.MODEL_TYPES` to the builder of
-its network with its base weights (in the manner of segment-anything's ``sam_model_registry``);
+:data:`MODEL_REGISTRY` maps each name of :data:`~medsegx.model.config.BACKBONES` (the one list of model
+types) to the builder of its network with its base weights (in the manner of segment-anything's
+``sam_model_registry``), through the builder kind the name is registered with;
 :func:`build_model` reads the MedSegX weights once, rebuilds the model a checkpoint describes, loads
 base and MedSegX weights and applies the one freeze policy.
 """
@@ -17,7 +18,7 @@ from segment_anything.modeling import PromptEncoder, TwoWayTransformer
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import MODEL_TYPES, SAM_DIR, ModelConfig, model_config
+from .config import BACKBONES, BUILDER_KINDS, SAM_DIR, ModelConfig, model_config
 from .decoder_adapters import attach_decoder_adapters
 from .freeze import apply_freeze_policy
 from .medsegx import KeepResMaskDecoder, MedSegX, MedSegXImageEncoder
@@ -84,7 +85,7 @@ def build_model(
     """Build a MedSegX model, load base weights and MedSegX weights, freeze by policy.
 
     Args:
-        model_type: ``vit_b | vit_l | vit_h | vit_tiny | lite``.
+        model_type: a name of :data:`~medsegx.model.config.MODEL_TYPES`.
         checkpoint: the base model's weights. SAM sizes: a folder holding Meta's SAM file or the
             file itself (default :data:`~medsegx.model.config.SAM_DIR`). ``vit_tiny``: a SAM-layout file of the tiny
             architecture (default: random initialisation). ``lite``: a LiteMedSAM state_dict
@@ -147,8 +148,6 @@ def _build_lite(cfg: ModelConfig, fast: bool, checkpoint: str | Path | None) -> 
 
 
 Builder = Callable[[ModelConfig, bool, "str | Path | None"], nn.Module]
-MODEL_REGISTRY: dict[str, Builder] = {
-    "vit_b": _build_sam_size, "vit_l": _build_sam_size, "vit_h": _build_sam_size,
-    "vit_tiny": _build_tiny, "lite": _build_lite,
-}
-assert tuple(MODEL_REGISTRY) == MODEL_TYPES
+BUILDERS: dict[str, Builder] = {"sam": _build_sam_size, "tiny": _build_tiny, "lite": _build_lite}
+assert set(BUILDERS) == set(BUILDER_KINDS)
+MODEL_REGISTRY: dict[str, Builder] = {name: BUILDERS[b.builder] for name, b in BACKBONES.items()}

@@ -26,18 +26,16 @@ from torch import nn
 from ..data.taxonomy import load_taxonomy
 from ..errors import UserError
 from ..fileio import atomic_write
+from .config import BACKBONES
 from .freeze import TASK_DECODER_PREFIX, is_trainable_name
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "medsegx-ckpt/1"
 
-# Meta's released SAM files: name and where to get them.
-SAM_CHECKPOINTS = {
-    "vit_b": ("sam_vit_b_01ec64.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"),
-    "vit_l": ("sam_vit_l_0b3195.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth"),
-    "vit_h": ("sam_vit_h_4b8939.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"),
-}
+# Meta's released SAM files (names registered in config.BACKBONES): name and where to get them.
+SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+SAM_CHECKPOINTS = {name: (b.sam_file, SAM_URL + b.sam_file) for name, b in BACKBONES.items() if b.sam_file}
 
 # Decoder parts the published loader does not take from a SAM file of another
 # layout: the MedSegX file (or training) supplies them.

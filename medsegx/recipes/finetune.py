@@ -15,11 +15,13 @@ from .. import runtime
 from ..checkpointer import LATEST, RESULT, RunFolderError, RunLock, holds_run
 from ..data.catalog import open_catalog, problem_summary
 from ..data.dataset import MedSegDataset
+from ..data.layout import FINETUNE, INFERENCE
 from ..engine import evaluate, make_eval_loader, mean_dsc
 from ..errors import UserError
 from ..fileio import atomic_write_set, atomic_write_text, ensure_writable_dir
 from ..model.checkpoint import atomic_save, checkpoint_state, torch_load
 from ..model.config import default_select
+from ..selection import ORACLE
 from .common import model_from_args, train_run
 
 FINAL = "model_final.pth"  # what a (site, ratio) run ships
@@ -48,7 +50,7 @@ def _selection(args: argparse.Namespace) -> str:
 
 def plan_sites(args: argparse.Namespace, catalog: Any) -> list[dict[str, Any]]:
     """Every site to fine-tune with its slices (training pool, validation, test), checked before any work."""
-    finetune_all = catalog.select(subset="finetune")
+    finetune_all = catalog.select(subset=FINETUNE)
     sites = list(dict.fromkeys(folder.group_key for folder in finetune_all.folders))
     if args.sites:
         wanted = set(args.sites)
@@ -64,7 +66,7 @@ def plan_sites(args: argparse.Namespace, catalog: Any) -> list[dict[str, Any]]:
     for key in sites:
         site = "/".join(key)
         ft = finetune_all.select(where=lambda f, key=key: f.group_key == key)
-        test = catalog.select(subset="inference", where=lambda f, key=key: f.group_key == key)
+        test = catalog.select(subset=INFERENCE, where=lambda f, key=key: f.group_key == key)
         if args.validation == "val":
             train_pool, val = ft.train_val_split(0.2, seed=args.seed)
         else:
@@ -188,7 +190,7 @@ def write_summary(rows: list[dict[str, Any]], output_dir: Path, args: argparse.N
     writer.writerows(rows)
     lines = [f"# fine-tuning summary ({args.shift_type}, {args.model_type})", "",
              f"Test split: inference/; validation: {args.validation} (by case). Mean DSC, {_selection(args)} selection"
-             + (" (the paper's)" if _selection(args) == "oracle" else " (label-free)")
+             + (" (the paper's)" if _selection(args) == ORACLE else " (label-free)")
              + "; in brackets the label-free IoU-head selection. Backbone: adapters at zero; zero-shot: the "
              "starting weights (--resume); fine-tuned: the run's chosen checkpoint; final: model_final.pth, the "
              "better of fine-tuned and starting point on the validation split.", "",

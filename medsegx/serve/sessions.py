@@ -32,7 +32,7 @@ import SimpleITK as sitk
 
 from ..data.errors import ConversionError
 from ..data.intensity import intensity_bounds, to_display
-from ..data.presets import HU_MODALITIES, default_window, parse_window
+from ..data.presets import AXIAL, CORONAL, HU_MODALITIES, LPS, SAGITTAL, default_window, parse_window
 from ..data.sources import check_image_dimensions
 from ..data.taxonomy import load_taxonomy
 from ..data.volume import orientation_plan, slice_stack
@@ -62,7 +62,7 @@ UPLOADABLE = tuple(ext for ext in CASE_EXTENSIONS if ext not in (".mhd", ".nhdr"
 UNDO_DEPTH = 30
 _SEGMENT_FIELDS = {"box", "z", "label", "modality", "task", "propagate", "seed", "propagate_grow", "window"}
 # the numpy axis of the stored array that is z -> the canonical slicing axis that runs along it
-_AXIS_OF_ITK_AXIS = {2: "axial", 1: "coronal", 0: "sagittal"}
+_AXIS_OF_ITK_AXIS = {2: AXIAL, 1: CORONAL, 0: SAGITTAL}
 
 
 class ApiError(Exception):
@@ -85,7 +85,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 def _slicing_axis(image: sitk.Image) -> str:
     """The canonical (LPS) slicing axis that runs along the stored z axis (numpy axis 0)."""
     if image.GetDimension() == 2:
-        return "axial"
+        return AXIAL
     perm, _ = orientation_plan(image.GetDirection())
     return _AXIS_OF_ITK_AXIS[perm.index(2)]
 
@@ -118,7 +118,7 @@ class ImageSession:
         self.owned_folder = owned_folder  # an upload's temporary folder, removed with the session
         self.is_2d = image.GetDimension() == 2
         self.axis = _slicing_axis(image)
-        self.stack = slice_stack(image, source, self.axis, "LPS")
+        self.stack = slice_stack(image, source, self.axis, LPS)
         self.intensity_cache: dict = {}
         self.pixels = sitk.GetArrayViewFromImage(image)  # stored order, no copy
         if self.is_2d:
@@ -252,7 +252,7 @@ class ImageSession:
                 window = parse_window(str(window))
             except ValueError as err:
                 raise ApiError(400, f"window: {err}") from None
-        opts = PredictOptions(modality=modality, task=task, window=window, axis=self.axis, orient="LPS",
+        opts = PredictOptions(modality=modality, task=task, window=window, axis=self.axis, orient=LPS,
                               propagate=propagate, propagate_grow=grow)
         return ObjectPrompt(label=label, task=task, box=tuple(box), seed=seed), opts
 
