@@ -35,8 +35,8 @@ def _pair(model_type: str = "vit_tiny"):
     """The same network without and with decoder adapters (the shared weights equal; vit_tiny's random
     backbone from seed 0)."""
     torch.manual_seed(0)
-    base = build_model(model_type).eval()
-    adapted = build_model(model_type, decoder_adapters=True).eval()
+    base = build_model(model_type, task_decoder=False).eval()  # the decoder adapters alone (lite has a task decoder
+    adapted = build_model(model_type, decoder_adapters=True, task_decoder=False).eval()  # by default)
     result = adapted.load_state_dict(base.state_dict(), strict=False)
     assert not result.unexpected_keys and all(k.startswith("decoder_adapters.") for k in result.missing_keys)
     return base, adapted
@@ -152,6 +152,13 @@ def test_decode_needs_the_context_only_when_adapted():
         one = adapted.decode(emb.expand(2, -1, -1, -1), box, organ=TRAINED[None])
         two = adapted.decode(emb.expand(2, -1, -1, -1), box, organ=torch.stack([TRAINED, TRAINED]))
     assert torch.equal(one[0], two[0])
+    _, routed = _task_pair()
+    with torch.no_grad():
+        emb2 = emb.expand(2, -1, -1, -1)
+        torch.testing.assert_close(routed.decode(emb2, box)[0], base.decode(emb2, box)[0])  # nothing trained yet
+        routed.task_decoder.mark_trained(TRAINED[3:])
+        with pytest.raises(ValueError, match="needs the slices' organ"):
+            routed.decode(emb2, box)
 
 
 def test_the_servers_cached_model_passes_the_context():
@@ -193,7 +200,7 @@ def test_pretrain_flags_reach_the_checkpoint(real_db, tmp_path):
 # ----------------------------------------------------------------------------- the task decoder
 def _task_pair(model_type: str = "vit_tiny"):
     torch.manual_seed(0)
-    base = build_model(model_type).eval()
+    base = build_model(model_type, task_decoder=False).eval()  # lite has one by default
     torch.manual_seed(0)
     routed = build_model(model_type, task_decoder=True, train_decoder=False, train_encoder_adapters=False).eval()
     return base, routed

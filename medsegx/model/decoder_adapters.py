@@ -188,8 +188,11 @@ def run_routed_decoder(model: nn.Module, run, organ: torch.Tensor | None, batch:
     routed = getattr(model, "task_decoder", None)
     if routed is None:
         return run(model.mask_decoder, None)
-    if organ is None:
-        raise ValueError("this model has a task decoder: decode() needs the slices' organ indices (B x 4)")
+    if organ is None:  # without a trained task every box is the backbone's, whatever its context
+        if bool(routed.trained_tasks.any()):
+            raise ValueError("this model's task decoder has trained tasks: decode() needs the slices' organ "
+                             "indices (B x 4)")
+        return run(model.mask_decoder, None)
     known = routed.known(organ, batch)
     if torch.compiler.is_exporting():  # a graph (ONNX): both decoders, then per box the one its task takes
         masks_k, iou_k = trained_outputs(model, run, routed, None)
