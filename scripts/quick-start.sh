@@ -74,16 +74,16 @@ $PY evaluate_external.py --model_type lite --model_weight $WEIGHT --data_path $D
 
 OUT=$RUN/summary.md
 {
-    echo "# Quick start: zero-shot LiteMedSAM vs LiteMedSAM + ConMoAE ($DB)"
+    echo "# Quick start: zero-shot LiteMedSAM vs pre-trained MedSegX on LiteMedSAM ($DB)"
     echo
     echo "## ID (eval/ID)"
     echo
-    $PY -m medsegx compare $ZERO/internal/ID.csv $WORK/lite-conmoae/internal/ID.csv --labels zero-shot ConMoAE
+    $PY -m medsegx compare $ZERO/internal/ID.csv $WORK/lite-conmoae/internal/ID.csv --labels zero-shot MedSegX
     echo
     echo "## OOD cross-task (eval/OOD/cross_task, inference/)"
     echo
     $PY -m medsegx compare $ZERO/external/OOD-task.csv $WORK/lite-conmoae/external/OOD-task.csv \
-        --labels zero-shot ConMoAE --external
+        --labels zero-shot MedSegX --external
 } > $OUT
 cat $OUT
 echo

@@ -287,3 +287,27 @@ def test_nothing_to_train_is_a_one_line_error(real_db, tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "leaves nothing to train" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_training_set_of_unnamed_tasks_leaves_the_task_decoder_as_it_is():
+    from types import SimpleNamespace
+
+    from medsegx.errors import UserError
+    from medsegx.recipes.common import mark_training_tasks
+
+    records = lambda *organs: [SimpleNamespace(organ=tuple(int(v) for v in o)) for o in organs]  # noqa: E731
+    _, routed = _task_pair()
+    assert mark_training_tasks(routed, records(TRAINED, NEUTRAL_TASK)) is True  # mixed: DDP must look for unused
+    assert routed.task_decoder.trained_tasks.sum() == 1
+    assert all(p.requires_grad for n, p in routed.task_decoder.named_parameters() if "iou_prediction" not in n)
+    _, routed = _task_pair()
+    assert mark_training_tasks(routed, records(TRAINED)) is False
+    _, routed = _task_pair()  # encoder fixed, neutral and unknown tasks only: nothing would learn
+    with pytest.raises(UserError, match="nothing to train"):
+        mark_training_tasks(routed, records(NEUTRAL_TASK, UNKNOWN))
+    assert not routed.task_decoder.trained_tasks.any()
+    assert not any(p.requires_grad for p in routed.task_decoder.parameters())
+    adapted = build_model("vit_tiny", task_decoder=True, train_decoder=False)  # the encoder's ConMoAE still learns
+    assert mark_training_tasks(adapted, records(NEUTRAL_TASK)) is False
+    assert not any(p.requires_grad for p in adapted.task_decoder.parameters())
+    assert any(p.requires_grad for n, p in adapted.named_parameters() if "adapter" in n)

@@ -82,6 +82,31 @@ def model_from_args(args: argparse.Namespace, device: torch.device,
     return model
 
 
+def mark_training_tasks(model: nn.Module, train_data: Any) -> bool:
+    """Mark the training set's tasks in the model's task decoder (if it has one): those slices are decoded by
+    it. Returns whether some slices are not (the neutral context, the unknown task), so that a batch may leave
+    its parameters without gradient; when no slice is, the task decoder does not train."""
+    routed = getattr(model, "task_decoder", None)
+    if routed is None:
+        return False
+    tasks = torch.tensor(sorted({int(r.organ[-1]) for r in train_data}), dtype=torch.int64)
+    routed.mark_trained(tasks)
+    decoded = routed.trained_tasks[tasks.clamp(min=0)] & (tasks >= 0)
+    logger.info("task decoder: %d of this training set's %d task(s) decoded by it, %d in all", int(decoded.sum()),
+                len(tasks), int(routed.trained_tasks.sum()))
+    if bool(decoded.any()):
+        return not bool(decoded.all())
+    for param in routed.parameters():
+        param.requires_grad_(False)
+    logger.warning("task decoder: no task of this training set has a row of its own (the neutral context or the "
+                   "unknown task are decoded by the backbone's decoder): it stays as it is")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError("nothing to train: this training set's tasks have no row of their own (neutral context or "
+                        "unknown task), so the task decoder does not learn them, and --freeze_encoder_adapters fixes "
+                        "the encoder; drop --freeze_encoder_adapters, or name the slices' task as the taxonomy does")
+    return False
+
+
 def train_run(
     args: argparse.Namespace,
     train_data: Any,
@@ -116,17 +141,15 @@ def train_run(
                     info.world_size, accum, micro)
         # a resumed run rebuilds the model its checkpoint describes, with its weights
         model = model_from_args(args, device, resume.state if resume is not None else init_weights)
-        if hasattr(model, "task_decoder"):  # the tasks of this training set are decoded by the task decoder
-            tasks = torch.tensor(sorted({int(r.organ[-1]) for r in train_data}), dtype=torch.int64)
-            model.task_decoder.mark_trained(tasks)
-            logger.info("task decoder: %d task(s) of this training set decoded by it, %d in all", len(tasks),
-                        int(model.task_decoder.trained_tasks.sum()))
+        mixed_routes = mark_training_tasks(model, train_data)
         optimizer = make_optimizer(model, args)
         use_scaler = args.use_amp and device.type == "cuda" and \
             runtime.resolve_amp_dtype(device, args.amp_dtype) == torch.float16
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         if info.distributed:
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # a batch of only neutral or unknown-task slices leaves the task decoder without gradient
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            find_unused_parameters=mixed_routes)
 
         train_set = MedSegDataset(train_data, train=True, jitter=args.box_jitter, seed=args.seed, strict=args.strict)
         logger.info("training boxes: the tight box grown by 0..%d px per side", args.box_jitter)
