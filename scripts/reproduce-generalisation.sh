@@ -7,7 +7,7 @@
 # fetal head (cross-task) and HAM10000 skin lesions (cross-site): their inference/ slices are the test;
 # HC18's finetune/ slices are the held-out validation set of the early-stopping recipe (never a test set).
 # Environment: RECIPES (default "jitter5 lrsplit paper lowlr frozen"; also "earlystop", "multimask", "l2sp",
-# "l2sp-strong", "jitter5-l2sp", "ctxdec", "ctxdec-only", "taskdec", "taskdec-lr2"), SEEDS (default "0 1 2"), EPOCHS (default 12),
+# "l2sp-strong", "jitter5-l2sp", "ctxdec", "ctxdec-only", "taskdec", "taskdec-lr2", "taskdec-blocks"), SEEDS (default "0 1 2"), EPOCHS (default 12),
 # THREADS, OUT (default playground/generalisation), PREFIX_CACHE (default $OUT/prefix-cache: the frozen
 # prefix of each slice, computed once for the whole study). Writes $OUT/table.md.
 set -euo pipefail
@@ -76,6 +76,8 @@ for recipe in ${RECIPES:-jitter5 lrsplit paper lowlr frozen}; do
                         --val_path none);;
         taskdec-lr2) FLAGS=(--lr 2e-4 --task_decoder --freeze_decoder --freeze_encoder_adapters --box_jitter 5
                             --val_path none);;                                  # taskdec, the decoder 2x faster
+        # taskdec-lr2 with ConMoAE in TinyViT blocks 6-9 learning too (the lite default adapts 8-9)
+        taskdec-blocks) FLAGS=(--lr 2e-4 --task_decoder --adapted_blocks 6 7 8 9 --box_jitter 5 --val_path none);;
         *) echo "unknown recipe $recipe" >&2; exit 2;;
     esac
     for seed in ${SEEDS:-0 1 2}; do
