@@ -182,28 +182,6 @@ def format_slices_csv(results: Sequence[SliceResult], float32: bool = True) -> s
     return buf.getvalue()
 
 
-def write_published(results: Sequence[SliceResult], out_dir: str | Path, stem: str, title: str,
-                    float32: bool = True) -> tuple[Path, Path]:
-    """Write ``<stem>.md`` and ``<stem>.csv`` into ``out_dir`` -> their paths.
-
-    ``float32=True`` rounds values to float32 first, as the published code stored them.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md, cs = out / f"{stem}.md", out / f"{stem}.csv"
-    atomic_write_set({md: format_summary_md(results, title, float32), cs: format_slices_csv(results, float32)})
-    return md, cs
-
-
-def read_published_csv(path: str | Path) -> list[SliceResult]:
-    """Results from a published ``File,DSC,HD`` CSV (group = folders of the File key)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and set(rows[0]) != {"File", "DSC", "HD"}:
-        raise ValueError(f"{path}: expected columns File,DSC,HD, got {list(rows[0])}")
-    return [SliceResult(r["File"], dsc=float(r["DSC"] or "nan"), hd=float(r["HD"] or "nan")) for r in rows]
-
-
 # ----------------------------------------------------------------------------- details
 
 def _task_of(r: SliceResult, layout: str) -> str:

@@ -1,6 +1,7 @@
 """medsegx.reports: the published files byte for byte, and the extra reports."""
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from conftest import shared_path
 
 from medsegx.data.layout import external_stem
 from medsegx.errors import UserError
+from medsegx.fileio import atomic_write_set
 from medsegx.reports import (
     SliceResult,
     case_dsc,
@@ -19,9 +21,7 @@ from medsegx.reports import (
     format_summary_md,
     internal_title,
     plot_gallery,
-    read_published_csv,
     worst_results,
-    write_published,
     write_report,
 )
 
@@ -32,6 +32,22 @@ EXAMPLES = [
     ("external-example", external_stem("RealWorld", "cross_site"), external_title("cross_site")),
     ("external-example", external_stem("RealWorld", "cross_task"), external_title("cross_task")),
 ]
+
+
+def read_published_csv(path) -> list[SliceResult]:
+    """Results from a published ``File,DSC,HD`` CSV (group = folders of the File key)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(rows[0]) != {"File", "DSC", "HD"}:
+        raise ValueError(f"{path}: expected columns File,DSC,HD, got {list(rows[0])}")
+    return [SliceResult(r["File"], dsc=float(r["DSC"] or "nan"), hd=float(r["HD"] or "nan")) for r in rows]
+
+
+def write_published(results, out_dir: Path, stem: str, title: str) -> tuple[Path, Path]:
+    """``<stem>.md`` and ``<stem>.csv`` as the reports write them (float32 values, as the published code)."""
+    md, cs = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
+    atomic_write_set({md: format_summary_md(results, title, True), cs: format_slices_csv(results, True)})
+    return md, cs
 
 
 @pytest.mark.parametrize("folder,stem,title", EXAMPLES)

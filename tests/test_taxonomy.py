@@ -17,7 +17,6 @@ from medsegx.data.taxonomy import (
     TaxonomyError,
     load_taxonomy,
     parse_taxonomy,
-    split_task_folder,
 )
 
 CORRUPT = "MitrLeftVentricularMyocardium"
@@ -97,7 +96,7 @@ def test_tree_members_without_task_use_spare_row(target, official):
 
 def test_trailing_digits_are_dropped():
     tax = load_taxonomy()
-    assert split_task_folder("CT_Liver2") == ("CT", "Liver")
+    assert tax.context("CT_Liver2").target == "Liver"
     assert tax.context("CT_Liver2").organ_indices == tax.context("CT_Liver").organ_indices
     assert tax.context("CT_LeftKidney13").target == "LeftKidney"
 

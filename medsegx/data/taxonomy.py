@@ -72,12 +72,6 @@ class Context:
         return tuple(level for level, row in rows.items() if row == NEUTRAL_ROW)
 
 
-def split_task_folder(task_folder: str) -> tuple[str, str]:
-    """``"CT_Liver2"`` -> ``("CT", "Liver")``: modality alias and target (trailing digits dropped)."""
-    modality, task = _split(task_folder)
-    return modality, _TRAILING_DIGITS.sub("", task)
-
-
 def _split(task_folder: str) -> tuple[str, str]:
     """``"CT_Liver2"`` -> ``("CT", "Liver2")``, checking the ``Modality_Task`` form."""
     modality, sep, task = task_folder.partition("_")
