@@ -31,7 +31,7 @@ from .fileio import atomic_write_text
 from .losses import medsegx_loss
 from .metrics.select import binarize, score_multimask
 from .model.checkpoint import checkpoint_state
-from .model.config import default_select
+from .model.config import DEFAULT_MODEL_TYPE, default_select
 from .optim import load_optimizer_state
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def evaluate(
     model.eval()
     if select is None:  # the backbone's default: the paper's oracle for SAM, the label-free rule for lite
         config = getattr(unwrap(model), "config", None)
-        select = default_select(config.model_type if config is not None else "vit_b", evaluation=True)
+        select = default_select(config.model_type if config is not None else DEFAULT_MODEL_TYPE, evaluation=True)
     results: list[dict[str, Any]] = []
     worst: list[tuple[float, dict[str, Any]]] = []
     bar = tqdm(loader, desc=desc, disable=not (show_progress and runtime.is_main_process()), dynamic_ncols=True,

@@ -26,7 +26,7 @@ from .. import runtime
 from ..data.grid import SLICE_SIZE
 from ..data.volume import SliceStack, model_slice
 from ..metrics.select import binarize, select_masks
-from ..model.config import default_select
+from ..model.config import DEFAULT_MODEL_TYPE, default_select
 from ..selection import LABEL_FREE_MODES
 from .prompts import PROPAGATE_GROW, PreparedObject, follow_box
 
@@ -89,7 +89,7 @@ class SliceRunner:
                  amp: bool = False, amp_dtype: str | None = None, select: str | None = None) -> None:
         if select is None:
             config = getattr(model, "config", None)
-            select = default_select(config.model_type if config is not None else "vit_b")
+            select = default_select(config.model_type if config is not None else DEFAULT_MODEL_TYPE)
         if select not in LABEL_FREE_MODES:
             raise ValueError(f"select must be one of {LABEL_FREE_MODES} (never the label), got {select!r}")
         if batch_size < 1:

@@ -18,7 +18,7 @@ from segment_anything.modeling import PromptEncoder, TwoWayTransformer
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import BACKBONES, BUILDER_KINDS, SAM_DIR, ModelConfig, model_config
+from .config import BACKBONES, BUILDER_KINDS, DEFAULT_MODEL_TYPE, SAM_DIR, ModelConfig, model_config
 from .decoder_adapters import attach_decoder_adapters
 from .freeze import apply_freeze_policy
 from .medsegx import KeepResMaskDecoder, MedSegX, MedSegXImageEncoder
@@ -73,7 +73,7 @@ def build_sam256(cfg: ModelConfig, fast: bool = True) -> MedSegX:
 
 
 def build_model(
-    model_type: str = "vit_b",
+    model_type: str = DEFAULT_MODEL_TYPE,
     checkpoint: str | Path | None = None,
     model_weight: str | Path | Mapping[str, Any] | None = None,
     fast: bool = True,
