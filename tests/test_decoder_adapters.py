@@ -307,6 +307,9 @@ def test_a_training_set_of_unnamed_tasks_leaves_the_task_decoder_as_it_is():
         mark_training_tasks(routed, records(NEUTRAL_TASK, UNKNOWN))
     assert not routed.task_decoder.trained_tasks.any()
     assert not any(p.requires_grad for p in routed.task_decoder.parameters())
+    _, routed = _task_pair()  # a fine-tune on one site's unnamed task: the task decoder learns it
+    assert mark_training_tasks(routed, records(UNKNOWN, NEUTRAL_TASK), finetune=True) is True
+    assert routed.task_decoder.trained_tasks.nonzero().flatten().tolist() == [UNKNOWN_TASK]
     adapted = build_model("vit_tiny", task_decoder=True, train_decoder=False)  # the encoder's ConMoAE still learns
     assert mark_training_tasks(adapted, records(NEUTRAL_TASK)) is False
     assert not any(p.requires_grad for p in adapted.task_decoder.parameters())

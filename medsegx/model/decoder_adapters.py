@@ -168,10 +168,12 @@ class TaskDecoder(nn.Module):
         self.decoder.load_state_dict(mask_decoder.state_dict())
 
     @torch.no_grad()
-    def mark_trained(self, tasks: torch.Tensor) -> None:
-        """Mark the task rows ``tasks`` (indices) as trained. ``NEUTRAL_ROW`` and the spare unknown-task row are
-        never marked: they stand for every task the taxonomy does not name, which no training set can speak for."""
-        tasks = tasks[(tasks >= 0) & (tasks != UNKNOWN_TASK)].to(self.trained_tasks.device)
+    def mark_trained(self, tasks: torch.Tensor, unknown: bool = False) -> None:
+        """Mark the task rows ``tasks`` (indices) as trained. ``NEUTRAL_ROW`` entries are ignored, and so is the
+        spare unknown-task row unless ``unknown``: it stands for every task the taxonomy does not name, which a
+        pre-training set cannot speak for; a fine-tune on one site's unnamed task may (``finetune.py``)."""
+        keep = (tasks >= 0) if unknown else (tasks >= 0) & (tasks != UNKNOWN_TASK)
+        tasks = tasks[keep].to(self.trained_tasks.device)
         self.trained_tasks[tasks] = True
 
     def known(self, organ: torch.Tensor, batch: int) -> torch.Tensor:

@@ -82,15 +82,17 @@ def model_from_args(args: argparse.Namespace, device: torch.device,
     return model
 
 
-def mark_training_tasks(model: nn.Module, train_data: Any) -> bool:
+def mark_training_tasks(model: nn.Module, train_data: Any, finetune: bool = False) -> bool:
     """Mark the training set's tasks in the model's task decoder (if it has one): those slices are decoded by
-    it. Returns whether some slices are not (the neutral context, the unknown task), so that a batch may leave
-    its parameters without gradient; when no slice is, the task decoder does not train."""
+    it (a fine-tune's unnamed task too: the unknown-task row, see
+    :meth:`~medsegx.model.decoder_adapters.TaskDecoder.mark_trained`). Returns
+    whether some slices are not (the neutral context; the unknown task in pre-training), so that a batch may
+    leave its parameters without gradient; when no slice is, the task decoder does not train."""
     routed = getattr(model, "task_decoder", None)
     if routed is None:
         return False
     tasks = torch.tensor(sorted({int(r.organ[-1]) for r in train_data}), dtype=torch.int64)
-    routed.mark_trained(tasks)
+    routed.mark_trained(tasks, unknown=finetune)
     decoded = routed.trained_tasks[tasks.clamp(min=0)] & (tasks >= 0)
     logger.info("task decoder: %d of this training set's %d task(s) decoded by it, %d in all", int(decoded.sum()),
                 len(tasks), int(routed.trained_tasks.sum()))
@@ -141,7 +143,7 @@ def train_run(
                     info.world_size, accum, micro)
         # a resumed run rebuilds the model its checkpoint describes, with its weights
         model = model_from_args(args, device, resume.state if resume is not None else init_weights)
-        mixed_routes = mark_training_tasks(model, train_data)
+        mixed_routes = mark_training_tasks(model, train_data, finetune=bool(getattr(args, "finetune", False)))
         optimizer = make_optimizer(model, args)
         use_scaler = args.use_amp and device.type == "cuda" and \
             runtime.resolve_amp_dtype(device, args.amp_dtype) == torch.float16
