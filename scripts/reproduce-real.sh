@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One seed of the README's recommended recipe, end to end: LiteMedSAM + ConMoAE on the real mini-MedSegDB, on
+# One seed of the README's recommended recipe, end to end: MedSegX on LiteMedSAM, on the real mini-MedSegDB, on
 # the CPU, then fine-tuning on a new task (the README's "Fine-tuning a new site").
 #   bash scripts/reproduce-real.sh [MedSegDB-real folder]   (default: ../shared/data/MedSegDB-real)
 # 1. zero-shot LiteMedSAM (adapters at zero) on eval/ID and on the OOD cross-task site (HC18 fetal head);
@@ -41,9 +41,9 @@ $PY finetune.py "${COMMON[@]}" --data_path $DB/eval/OOD --shift_type cross_task 
     --lr 1e-4 --prefix_cache --work_dir $OUT --task_name finetune
 
 $PY -m medsegx compare $OUT/zero-shot/internal/ID.csv $OUT/pretrain/internal/ID.csv \
-    --labels "zero-shot LiteMedSAM" "LiteMedSAM + ConMoAE" --title "eval/ID, the lite default label-free selection" --out $OUT/id_table.md
+    --labels "zero-shot LiteMedSAM" "MedSegX pre-trained" --title "eval/ID, the lite default label-free selection" --out $OUT/id_table.md
 $PY -m medsegx compare $OUT/zero-shot/external/OOD-task.csv $OUT/pretrain/external/OOD-task.csv --external \
-    --labels "zero-shot LiteMedSAM" "LiteMedSAM + ConMoAE" --title "eval/OOD cross_task (inference/), the lite default label-free selection" \
+    --labels "zero-shot LiteMedSAM" "MedSegX pre-trained" --title "eval/OOD cross_task (inference/), the lite default label-free selection" \
     --out $OUT/ood_table.md
 cat $OUT/id_table.md $OUT/ood_table.md $OUT/finetune/cross_task/summary.md
 echo "[reproduce] total $(( $(date +%s) - start )) s"
