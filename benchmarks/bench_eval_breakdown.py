@@ -293,7 +293,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> None:
         med_w = {k: statistics.median(p.get(k, 0.0) for p in parts_wall) for k, _ in PARTS}
         med_c = {k: statistics.median(p.get(k, 0.0) for p in parts_cpu) for k, _ in PARTS if k not in ("start", "exit")}
         total_w, total_c = sum(med_w.values()), sum(med_c.values())
-        print(f"\n| part | wall s | share | CPU s |\n|---|---:|---:|---:|")
+        print("\n| part | wall s | share | CPU s |\n|---|---:|---:|---:|")
         for key, label in PARTS:
             cpu = f"{med_c[key]:.2f}" if key in med_c else "-"
             print(f"| {label} | {med_w[key]:.2f} | {100 * med_w[key] / total_w:.1f}% | {cpu} |")
