@@ -216,6 +216,8 @@ def child(args: argparse.Namespace, rest: list[str]) -> None:
     parsed = evaluate_internal.get_args_parser().parse_args(rest)
     evaluate_internal.main(parsed)
     timer.pop()
+    if hasattr(evaluate_internal, "before_exit"):  # what the script does last, as in its __main__ block
+        evaluate_internal.before_exit()
     out = {"start": _T_CHILD_START, "end": time.monotonic(), "wall": timer.wall, "cpu": timer.cpu}
     Path(args.parts_json).write_text(json.dumps(out))
 
