@@ -19,6 +19,8 @@ from the parent's clock (``time.monotonic``, one clock for both processes). Both
 report ``internal/ID.csv`` is byte-identical across runs and print its SHA-256 (to compare commits).
 
     python benchmarks/bench_eval_breakdown.py --work_dir /tmp/ev23 --mode both --repeats 3
+    git archive <commit> | tar -x -C /tmp/before       # then the breakdown of both, alternating:
+    python benchmarks/bench_eval_breakdown.py --work_dir /tmp/ev23 --baseline_root /tmp/before --repeats 3
 """
 from __future__ import annotations
 
@@ -76,6 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_weight", action="store_true", help="no --model_weight (adapters at zero)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--baseline_root", help="a copy of another commit (git archive): its script and child alternate "
+                   "with this tree's, as 'before' and 'after'")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more arguments for the script (last)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--parts_json", help=argparse.SUPPRESS)
@@ -225,12 +229,12 @@ def child(args: argparse.Namespace, rest: list[str]) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 
-def run(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float]:
+def run(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds of the child, monotonic end) of one fresh process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     with log.open("w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=cwd).returncode
     end = time.monotonic()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc:
@@ -243,20 +247,45 @@ def csv_digest(out: Path) -> str:
     return hashlib.sha256((out / "internal" / "ID.csv").read_bytes()).hexdigest()
 
 
+def _table(rows: list[tuple[str, list[dict[str, float]], list[dict[str, float]]]]) -> None:
+    """One column group per tree: median wall seconds of each part, its share, its CPU seconds."""
+    head = " | ".join(f"{name} wall s | share | CPU s" for name, _, _ in rows)
+    print(f"\n| part | {head} |\n|---|" + "---:|---:|---:|" * len(rows))
+    cols = []
+    for _, walls, cpus in rows:
+        med_w = {k: statistics.median(p.get(k, 0.0) for p in walls) for k, _ in PARTS}
+        med_c = {k: statistics.median(p.get(k, 0.0) for p in cpus) for k, _ in PARTS if k not in ("start", "exit")}
+        cols.append((med_w, med_c, sum(med_w.values()), sum(med_c.values())))
+    for key, label in PARTS:
+        cells = [f"{w[key]:.2f} | {100 * w[key] / tw:.1f}% | " + (f"{c[key]:.2f}" if key in c else "-")
+                 for w, c, tw, _ in cols]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("| **sum of parts** | " + " | ".join(f"**{tw:.2f}** | 100% | {tc:.2f}" for _, _, tw, tc in cols) + " |")
+
+
 def main(args: argparse.Namespace, rest: list[str]) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     id_dir, sam, weight = prepare(work, args.n_slices, not args.no_weight)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     env.setdefault("PYTHONWARNINGS", "ignore")
-    out = work / "out"
-    plain_cmd = [sys.executable, str(SCRIPT), *script_args(args, id_dir, sam, weight, out)]
-    parts_json = work / "parts.json"
-    parts_cmd = [sys.executable, str(Path(__file__).resolve()), "--work_dir", str(work), "--child",
-                 "--parts_json", str(parts_json), "--", *script_args(args, id_dir, sam, weight, out)]
-    # untimed warm-up: page cache for the package, the data and the SAM file, the catalog's index file
-    run(plain_cmd, env, work / "log-warm.txt")
-    digest = csv_digest(out)
+    trees = ([("before", Path(args.baseline_root).resolve())] if args.baseline_root else []) + [("after", ROOT)]
+    cmds = {}
+    for name, root in trees:
+        out = work / f"out-{name}"
+        cmds[name] = {
+            "out": out,
+            "plain": [sys.executable, str(root / "evaluate_internal.py"), *script_args(args, id_dir, sam, weight, out)],
+            "parts": [sys.executable, str(root / "benchmarks" / "bench_eval_breakdown.py"), "--work_dir", str(work),
+                      "--child", "--parts_json", str(work / f"parts-{name}.json"), "--",
+                      *script_args(args, id_dir, sam, weight, out)],
+        }
+    # untimed warm-up of each tree: page cache for the package, the data and the SAM file, the index file
+    digests = {}
+    for name, _ in trees:
+        run(cmds[name]["plain"], env, work / f"log-warm-{name}.txt", cwd=dict(trees)[name])
+        digests[name] = csv_digest(cmds[name]["out"])
+    digest = digests[trees[-1][0]]
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _common import machine_header
@@ -264,43 +293,37 @@ def main(args: argparse.Namespace, rest: list[str]) -> None:
     print(machine_header(), flush=True)
     print(f"# evaluate_internal.py, vit_b, {args.n_slices} slices, batch {args.batch_size}, --threads {args.threads}, "
           f"{'no --model_weight' if weight is None else 'random MedSegX checkpoint'}; median of {args.repeats} "
-          f"fresh processes; load at start {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
-    print(f"# command: OMP_NUM_THREADS={args.threads} {' '.join(plain_cmd)}", flush=True)
+          f"fresh processes per tree and mode, alternating; load at start "
+          f"{Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
+    print(f"# command: OMP_NUM_THREADS={args.threads} {' '.join(cmds[trees[-1][0]]['plain'])}", flush=True)
+    if args.baseline_root:
+        print(f"# before = {trees[0][1]}, after = {ROOT}; ID.csv of the warm-up runs: "
+              f"{'byte-identical' if len(set(digests.values())) == 1 else 'DIFFERENT'}", flush=True)
     modes = ["plain", "parts"] if args.mode == "both" else [args.mode]
-    whole: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
-    parts_wall: list[dict[str, float]] = []
-    parts_cpu: list[dict[str, float]] = []
+    whole = {(t, m): [] for t, _ in trees for m in modes}
+    parts: dict[str, tuple[list, list]] = {t: ([], []) for t, _ in trees}
     for r in range(args.repeats):
-        for mode in modes:  # alternating
-            if mode == "plain":
-                secs, cpu, _ = run(plain_cmd, env, work / "log-plain.txt")
-            else:
-                secs, cpu, t0 = run(parts_cmd, env, work / "log-parts.txt")
-                got = json.loads(parts_json.read_text())
-                wall, cpus = dict(got["wall"]), dict(got["cpu"])
-                wall["start"] = got["start"] - t0
-                wall["exit"] = (t0 + secs) - got["end"]
-                parts_wall.append(wall)
-                parts_cpu.append(cpus)
-            whole[mode].append((secs, cpu))
-            same = csv_digest(out) == digest
-            print(f"#   run {r + 1} {mode:<5} {secs:7.2f} s wall {cpu:7.2f} s CPU  ID.csv "
-                  f"{'identical' if same else 'DIFFERENT'}", flush=True)
-            if not same:
-                raise SystemExit("the report ID.csv changed between runs")
-    for mode in modes:
-        print(f"whole process ({mode}): {statistics.median(s for s, _ in whole[mode]):.2f} s wall, "
-              f"{statistics.median(c for _, c in whole[mode]):.2f} s CPU (median of {args.repeats})")
-    if parts_wall:
-        med_w = {k: statistics.median(p.get(k, 0.0) for p in parts_wall) for k, _ in PARTS}
-        med_c = {k: statistics.median(p.get(k, 0.0) for p in parts_cpu) for k, _ in PARTS if k not in ("start", "exit")}
-        total_w, total_c = sum(med_w.values()), sum(med_c.values())
-        print("\n| part | wall s | share | CPU s |\n|---|---:|---:|---:|")
-        for key, label in PARTS:
-            cpu = f"{med_c[key]:.2f}" if key in med_c else "-"
-            print(f"| {label} | {med_w[key]:.2f} | {100 * med_w[key] / total_w:.1f}% | {cpu} |")
-        print(f"| **sum of parts** | **{total_w:.2f}** | 100% | {total_c:.2f} (in the child's main) |")
-    print(f"# ID.csv sha256 {digest}")
+        for mode in modes:
+            for name, root in trees:  # alternating
+                c = cmds[name]
+                secs, cpu, t0 = run(c[mode], env, work / f"log-{mode}-{name}.txt", cwd=root)
+                if mode == "parts":
+                    got = json.loads((work / f"parts-{name}.json").read_text())
+                    wall = dict(got["wall"], start=got["start"] - t0, exit=(t0 + secs) - got["end"])
+                    parts[name][0].append(wall)
+                    parts[name][1].append(dict(got["cpu"]))
+                whole[(name, mode)].append((secs, cpu))
+                same = csv_digest(c["out"]) == digests[name]
+                print(f"#   run {r + 1} {name:<6} {mode:<5} {secs:7.2f} s wall {cpu:7.2f} s CPU  ID.csv "
+                      f"{'identical' if same else 'DIFFERENT'}", flush=True)
+                if not same:
+                    raise SystemExit("the report ID.csv changed between runs")
+    for (name, mode), vals in whole.items():
+        print(f"whole process, {name}, {mode}: {statistics.median(s for s, _ in vals):.2f} s wall, "
+              f"{statistics.median(c for _, c in vals):.2f} s CPU (median of {len(vals)})")
+    if "parts" in modes:
+        _table([(name, *parts[name]) for name, _ in trees])
+    print(f"# ID.csv sha256 {digest}" + (f" (before: {digests['before']})" if args.baseline_root else ""))
     print(f"# load at end {Path('/proc/loadavg').read_text().split()[:3]}")
 
 
