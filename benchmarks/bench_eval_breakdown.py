@@ -261,6 +261,9 @@ def _table(rows: list[tuple[str, list[dict[str, float]], list[dict[str, float]]]
                  for w, c, tw, _ in cols]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print("| **sum of parts** | " + " | ".join(f"**{tw:.2f}** | 100% | {tc:.2f}" for _, _, tw, tc in cols) + " |")
+    print("| everything but the forward | " + " | ".join(
+        f"{tw - w['forward']:.2f} | {100 * (tw - w['forward']) / tw:.1f}% | {tc - c['forward']:.2f}"
+        for w, c, tw, tc in cols) + " |")
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> None:
@@ -288,7 +291,10 @@ def main(args: argparse.Namespace, rest: list[str]) -> None:
     digest = digests[trees[-1][0]]
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
     from _common import machine_header
+
+    torch.set_num_threads(args.threads)  # the header reports the children's threads
 
     print(machine_header(), flush=True)
     print(f"# evaluate_internal.py, vit_b, {args.n_slices} slices, batch {args.batch_size}, --threads {args.threads}, "
