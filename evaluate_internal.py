@@ -10,7 +10,7 @@ The same command: ``medsegx evaluate-internal``; the recipe: medsegx/recipes/eva
 """
 from __future__ import annotations
 
-from medsegx.cli import COMMANDS
+from medsegx.cli import COMMANDS, before_exit
 
 COMMAND = COMMANDS["evaluate-internal"]
 
@@ -25,3 +25,4 @@ def main(args):
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
+    before_exit()

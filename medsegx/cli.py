@@ -18,6 +18,7 @@ over the same commands.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -81,6 +82,14 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             "medsegx.recipes.tools:params"),
     Command("compare", "per-task DSC of two report CSVs", cli_args.compare_parser, "medsegx.recipes.tools:compare"),
 )}
+
+
+def before_exit() -> None:
+    """The last call of a script whose process ends now: the objects still alive (torch's modules, the model)
+    go to the collector's permanent generation (:func:`gc.freeze`), so that the interpreter's exit does not
+    walk them all once more (~0.5 s after importing torch). Not for a process that goes on: what is frozen
+    is never collected."""
+    gc.freeze()
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

@@ -430,7 +430,10 @@ def plot_gallery(samples: Sequence[dict[str, Any]], path: str | Path | None) -> 
     from matplotlib.patches import Patch
 
     n = max(1, len(samples))
-    fig, axes = plt.subplots(n, 3, figsize=(9.5, 3.6 * n + 0.5), squeeze=False, layout="constrained")
+    # no ticks at all (the axes are off; the layout would still measure them), each overlay blended into its
+    # panel's pixels (one image per panel), a quick PNG compression: the same figure in about half the time
+    fig, axes = plt.subplots(n, 3, figsize=(9.5, 3.6 * n + 0.5), squeeze=False, layout="constrained",
+                             subplot_kw={"xticks": [], "yticks": []})
     for ax in axes.ravel():
         ax.axis("off")
     for row, s in enumerate(samples):
@@ -441,18 +444,24 @@ def plot_gallery(samples: Sequence[dict[str, Any]], path: str | Path | None) -> 
         for col, (mask, color, name) in enumerate([(None, None, "image"), (label, (0, 1, 0), "label"),
                                                    (pred, (1, 0, 0), "prediction")]):
             ax = axes[row, col]
-            ax.imshow(img, cmap=cmap)
-            if mask is not None:
-                overlay = np.zeros(mask.shape + (4,))
-                overlay[mask] = (*color, 0.45)
-                ax.imshow(overlay)
+            if mask is None:
+                ax.imshow(img, cmap=cmap)
+            else:
+                ax.imshow(_blend(img, mask, color, 0.45))
                 if col == 2 and label.any():
                     ax.contour(label, levels=[0.5], colors=["lime"], linewidths=0.8)
             ax.set_title(_fit_title(s.get("title", "")) + f"\n{name}" if col == 0 else name, fontsize=7, loc="left")
     fig.legend(handles=[Patch(color=(0, 1, 0, 0.45), label="label"), Patch(color=(1, 0, 0, 0.45), label="prediction"),
                         Line2D([], [], color="lime", lw=1, label="label outline")],
                loc="outside upper center", ncol=3, fontsize=8, frameon=False)
-    return _finish_figure(fig, path, dpi=80)
+    return _finish_figure(fig, path, dpi=80, pil_kwargs={"compress_level": 1})
+
+
+def _blend(img: np.ndarray, mask: np.ndarray, color: tuple[float, float, float], alpha: float) -> np.ndarray:
+    """``img`` (H x W grey or H x W x 3, in 0..1) as RGB with ``color`` laid over ``mask`` at opacity ``alpha``."""
+    rgb = np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else np.array(img, dtype=np.float64)
+    rgb[mask] = rgb[mask] * (1 - alpha) + np.asarray(color, dtype=np.float64) * alpha
+    return rgb
 
 
 def plot_label_overlay(panels: Sequence[dict[str, Any]], legend: Sequence[tuple[int, str]], aspect: float,

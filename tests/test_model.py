@@ -207,3 +207,19 @@ def test_vit_b_forward_and_trainable_count(vit_b):
     decoder = sum(p.numel() for n, p in model.mask_decoder.named_parameters() if "iou_prediction_head" not in n)
     assert counts["mask_decoder"] == decoder
     assert counts["trainable"] == counts["adapters"] + counts["context_embeddings"] + counts["mask_decoder"]
+
+
+def test_segment_anything_modules_load_without_the_predictor_and_the_package_still_works_whole():
+    """Building the networks takes segment-anything's modules only: its __init__ (predictor, torchvision,
+    torch._dynamo) runs when a name of the package itself is first used, and then everything is there."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import medsegx.model.build, medsegx.model.fast; "
+            "print(sorted({'torchvision', 'torch._dynamo', 'segment_anything.predictor'} & set(sys.modules))); "
+            "from segment_anything import SamPredictor, sam_model_registry; import segment_anything; "
+            "print(sorted(sam_model_registry), SamPredictor.__name__, callable(segment_anything.build_sam_vit_b)); "
+            "print(hasattr(segment_anything, 'no_such_name'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3] == ["[]", "['default', 'vit_b', 'vit_h', 'vit_l'] SamPredictor True", "False"]

@@ -3,13 +3,16 @@
 Modules: ``config`` (hyper-parameters and model names; no torch), ``build`` (the registry and the
 one builder), ``freeze`` (what trains), ``medsegx`` (the SAM-based network), ``lite`` (the
 LiteMedSAM one), ``conmoae`` (the adapters), ``fast`` (exact fast attention), ``checkpoint`` (file
-I/O). The names below are imported on first use.
+I/O), ``sam_package`` (segment-anything's modules without its predictor). The names below are imported on first use.
 """
 from __future__ import annotations
 
 import importlib
 
 from .config import MODEL_TYPES, ModelConfig, model_config
+from .sam_package import defer_package_init
+
+defer_package_init()  # segment_anything.modeling without the predictor's torchvision (sam_package.py)
 
 _LAZY = {
     "MODEL_REGISTRY": "build", "build_model": "build", "build_sam256": "build",
