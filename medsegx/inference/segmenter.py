@@ -173,7 +173,7 @@ class Segmenter:
     def predict(self, case: str, image: sitk.Image, source: str | Path, prompts: Sequence[ObjectPrompt] | None,
                 opts: PredictOptions, prompt_mask: np.ndarray | None = None, *, stack: SliceStack | None = None,
                 intensity_cache: dict | None = None) -> CasePrediction:
-        """One image, its prompts checked (:func:`~medsegx.inference.case.check_prompts`); see
+        """One image whose prompts the caller has checked (:func:`~medsegx.inference.case.check_prompts`); see
         :func:`~medsegx.inference.case.predict_case` for ``stack`` and ``intensity_cache``."""
         return predict_case(self.runner, case, image, source, prompts, opts, prompt_mask, progress=self.progress,
                             stack=stack, intensity_cache=intensity_cache)

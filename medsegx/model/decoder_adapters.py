@@ -176,10 +176,14 @@ class TaskDecoder(nn.Module):
         tasks = tasks[keep].to(self.trained_tasks.device)
         self.trained_tasks[tasks] = True
 
+    def decodes(self, tasks: torch.Tensor) -> torch.Tensor:
+        """Which of the task rows ``tasks`` (indices, ``NEUTRAL_ROW`` allowed) are marked trained."""
+        tasks = tasks.to(self.trained_tasks.device)
+        return self.trained_tasks[tasks.clamp(min=0)] & (tasks >= 0)
+
     def known(self, organ: torch.Tensor, batch: int) -> torch.Tensor:
         """``batch`` booleans: which boxes' tasks are marked trained."""
-        task = organ[:, NUM_ORGAN_LEVELS - 1].to(self.trained_tasks.device)
-        known = self.trained_tasks[task.clamp(min=0)] & (task >= 0)
+        known = self.decodes(organ[:, NUM_ORGAN_LEVELS - 1])
         return known.expand(batch) if known.shape[0] != batch else known
 
 

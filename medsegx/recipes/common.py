@@ -93,7 +93,7 @@ def mark_training_tasks(model: nn.Module, train_data: Any, finetune: bool = Fals
         return False
     tasks = torch.tensor(sorted({int(r.organ[-1]) for r in train_data}), dtype=torch.int64)
     routed.mark_trained(tasks, unknown=finetune)
-    decoded = routed.trained_tasks[tasks.clamp(min=0)] & (tasks >= 0)
+    decoded = routed.decodes(tasks)
     logger.info("task decoder: %d of this training set's %d task(s) decoded by it, %d in all", int(decoded.sum()),
                 len(tasks), int(routed.trained_tasks.sum()))
     if bool(decoded.any()):

@@ -45,8 +45,6 @@ from ..inference.prompts import (
 
 logger = logging.getLogger(__name__)
 
-Job = CaseJob  # a planned case of the command
-
 
 class PredictError(UserError, ValueError):
     """A problem with the command's input found before any work: one line naming what is wrong."""
@@ -138,7 +136,7 @@ def _check_output_folder(out: Path, inputs: list[Path], folder_input: bool) -> N
         raise PredictError(f"-o {out}: output folder is not writable ({err.reason})") from None
 
 
-def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
+def plan(args: argparse.Namespace) -> tuple[list[CaseJob], list[str]]:
     """Every check that can fail before the model is built; returns the jobs and report lines."""
     load_taxonomy().canonical_modality(args.modality)  # an unknown modality: an error listing the known ones
     _window(args.window)
