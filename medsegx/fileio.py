@@ -31,11 +31,16 @@ def _disk_nearly_full(folder: Path) -> bool:
     return st.f_bavail * st.f_frsize < _NEARLY_FULL_BYTES
 
 
-def _open_mode() -> int:
+def _read_open_mode() -> int:
     """The permissions ``open()`` gives a new file (the umask's), not ``mkstemp``'s owner-only 0600."""
-    umask = os.umask(0)
+    umask = os.umask(0)  # the only way to read it; done once, at import, before any thread of ours writes
     os.umask(umask)
     return 0o666 & ~umask
+
+
+# Read once: setting the umask to read it would, in a threaded server, briefly give every file any other
+# thread creates world-writable permissions.
+_OPEN_MODE = _read_open_mode()
 
 
 def file_extension(path: Path) -> str:
@@ -47,14 +52,14 @@ def _write_temp(path: Path, write: Writer | NamedWriter, *, like_open: bool = Fa
     """``write`` into a new temporary file beside ``path`` (flushed and synced) -> its path.
 
     ``named``: ``write`` takes the temporary file's path, which keeps ``path``'s extension;
-    ``like_open``: the file gets the permissions of :func:`_open_mode`.
+    ``like_open``: the file gets the permissions ``open()`` would give (:data:`_OPEN_MODE`).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".tmp" + (file_extension(path) if named else "")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         if like_open:
-            os.chmod(tmp, _open_mode())
+            os.chmod(tmp, _OPEN_MODE)
         if named:
             os.close(fd)
             write(Path(tmp))
